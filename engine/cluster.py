@@ -1,0 +1,58 @@
+"""[cluster] config and the Ray runtime: start a local instance or join one, and always leave it clean.
+
+`ray_session` is a context manager: whatever happens inside (completion, an exception, Ctrl-C), the Ray
+instance it started is shut down, so no actor process outlives the run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from collections.abc import Iterator
+
+import ray
+
+from engine.configbase import Section
+
+log = logging.getLogger(__name__)
+
+
+class ClusterConfig(Section, kw_only=True):
+    """[cluster]: where the actors run."""
+
+    section_name = "cluster"
+
+    # Ray address to join ("auto" or "host:port"); unset starts a local instance.
+    address: str | None = None
+    # CPUs a local instance advertises; unset means os.cpu_count().
+    num_cpus: int | None = None
+    # Learner processes (Megatron ranks). Data parallel = learner_ranks / tensor_model_parallel_size.
+    learner_ranks: int = 1
+    # torch intra-op threads in each engine and learner process; 0 means the machine's core count.
+    torch_threads: int = 0
+
+    def check(self) -> None:
+        self.positive("num_cpus", "learner_ranks")
+        self.non_negative("torch_threads")
+
+    def threads(self) -> int:
+        return self.torch_threads or (os.cpu_count() or 1)
+
+
+@contextlib.contextmanager
+def ray_session(cfg: ClusterConfig, *, log_to_driver: bool = True) -> Iterator[None]:
+    """Start (or join) Ray for the duration of the block; shut it down on every exit path."""
+    started = not ray.is_initialized()
+    if started:
+        kwargs: dict = {"include_dashboard": False, "log_to_driver": log_to_driver}
+        if cfg.address:
+            ray.init(address=cfg.address, **kwargs)
+        else:
+            ray.init(num_cpus=cfg.num_cpus or os.cpu_count(), **kwargs)
+        log.info("ray: %s", ray.get_runtime_context().gcs_address)
+    try:
+        yield
+    finally:
+        if started:
+            ray.shutdown()

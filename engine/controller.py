@@ -1,0 +1,157 @@
+"""The training controller: builds the actors and runs rollout -> train -> weight push, step by step.
+
+                    +-------------------- weights (versioned, HF-named) ---------------------+
+                    v                                                                        |
+ prompts --> [Producer: asyncio/uvloop] --requests--> [Inference engines]                    |
+ (JSONL)       |  groups, rewards,          <--tokens+logprobs--  (embedded, Ray actors)      |
+               |  admission control                                                          |
+               +--ZMQ PUSH (msgspec)--> [Buffer] --global batches--> [Learner: Megatron ranks] -+
+                                        groups                         logprob recompute,
+                                                                       loss, optimizer step
+
+Control calls are Ray actor calls; samples travel over ZeroMQ; batches go from the buffer to the
+learner ranks as Ray object references (the controller never holds them); weights go from learner rank 0
+to the engines the same way. Guarantees: the engines hold version v exactly when the producer is told
+v; every step's batch comes whole from the buffer; a failure in any actor ends the run with that error.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import ray
+
+from engine.buffer.buffer import BufferActor
+from engine.config import Config
+from engine.learner.group import LearnerGroup
+from engine.metrics import MetricsLogger, mean_of
+from engine.rollout.data import Prompt
+from engine.rollout.engines import EmbeddedEngineActor
+from engine.rollout.producer import ProducerActor
+
+
+class Trainer:
+    def __init__(
+        self,
+        config: Config,
+        prompts: list[Prompt],
+        eval_sets: dict[str, list[Prompt]],
+        num_rollout: int,
+        logger: MetricsLogger,
+    ) -> None:
+        self.cfg, self.num_rollout, self.logger = config, num_rollout, logger
+        self.prompts, self.eval_sets = prompts, eval_sets
+        self.version = 0
+        self._actors: list[Any] = []
+
+    def build(self) -> None:
+        c = self.cfg
+        threads = c.cluster.threads()
+        self.buffer = ray.remote(BufferActor).options(num_cpus=0, max_concurrency=4).remote()
+        self._actors.append(self.buffer)
+        address = ray.get(self.buffer.address.remote())
+        engine_actor = ray.remote(EmbeddedEngineActor)
+        self.engines = [
+            engine_actor.options(num_cpus=0).remote(
+                c.ckpt.load or c.ckpt.hf_checkpoint, c.inference, i, threads, c.model.overrides
+            )
+            for i in range(c.inference.num_engines)
+        ]
+        self._actors += self.engines
+        self.producer = (
+            ray.remote(ProducerActor)
+            .options(num_cpus=0, max_concurrency=4)
+            .remote(
+                c.rollout,
+                c.eval,
+                c.ckpt.hf_checkpoint,
+                ray.put(self.prompts),
+                ray.put(self.eval_sets),
+                self.engines,
+                address,
+            )
+        )
+        self._actors.append(self.producer)
+        self.learner = LearnerGroup(
+            ranks=c.cluster.learner_ranks,
+            model=c.model,
+            ckpt=c.ckpt,
+            perf=c.perf,
+            algo=c.algo,
+            optimizer=c.optimizer,
+            temperature=c.rollout.temperature,
+            total_steps=self.num_rollout * c.rollout.num_steps_per_rollout,
+            seed=c.seed,
+            threads=threads,
+        )
+        self._actors += self.learner.workers
+        ray.get([e.ready.remote() for e in self.engines])
+        ray.get(self.producer.num_prompts.remote())
+        self.prompts, self.eval_sets = [], {}  # the producer holds them now
+
+    def _wait(self, ref: Any, producer_run: Any) -> Any:
+        """ray.get(ref), but fail fast if the producer's run call fails first."""
+        while True:
+            ready, _ = ray.wait([ref, producer_run], num_returns=1, timeout=None)
+            if ref in ready:
+                return ray.get(ref)
+            ray.get(producer_run)  # raises the producer's error; returns when it simply finished
+            return ray.get(ref)
+
+    def evaluate(self) -> dict[str, float]:
+        names = list(self.cfg.eval.datasets)
+        results = ray.get([self.producer.evaluate.remote(name) for name in names])
+        return {k: v for r in results for k, v in r.items()}
+
+    def run(self) -> None:
+        c = self.cfg
+        groups_per_step = c.rollout.batch_size
+        producer_run = self.producer.run.remote(self.num_rollout * groups_per_step)
+        if c.eval.interval:
+            self.logger.log(0, self.evaluate())
+        for step in range(1, self.num_rollout + 1):
+            t0 = time.perf_counter()
+            samples_ref, stats_ref = self.buffer.get_batch.options(num_returns=2).remote(groups_per_step)
+            metrics = dict(self._wait(stats_ref, producer_run))
+            t1 = time.perf_counter()
+            train_steps = self.learner.train(samples_ref, c.rollout.num_steps_per_rollout)
+            t2 = time.perf_counter()
+            self.push_weights(step)
+            t3 = time.perf_counter()
+            metrics.update({f"train/{k}": v for k, v in mean_of(train_steps).items()})
+            metrics.update(
+                {
+                    "time/rollout_wait": t1 - t0,
+                    "time/train": t2 - t1,
+                    "time/weight_sync": t3 - t2,
+                    "version": self.version,
+                }
+            )
+            if c.eval.interval and (step % c.eval.interval == 0 or step == self.num_rollout):
+                metrics.update(self.evaluate())
+            if c.ckpt.save and (
+                (c.ckpt.save_interval and step % c.ckpt.save_interval == 0) or step == self.num_rollout
+            ):
+                metrics["ckpt/path"] = self.learner.save_hf(str(Path(c.ckpt.save) / f"step_{step}"))
+            metrics["time/step"] = time.perf_counter() - t0
+            self.logger.log(step, metrics)
+        ray.get(producer_run)
+
+    def push_weights(self, version: int) -> None:
+        """Learner rank 0 -> every engine (through the object store), then tell the producer."""
+        weights = self.learner.export_weights()
+        ray.get([e.update_weights.remote(weights, version) for e in self.engines])
+        self.version = version
+        ray.get(self.producer.set_version.remote(version))
+
+    def close(self) -> None:
+        """Orderly end of a finished run: flush and close the producer and the buffer (errors propagate)."""
+        ray.get([self.producer.close.remote(), self.buffer.close.remote()])
+
+    def kill(self) -> None:
+        """End every actor this trainer started, whatever state it is in."""
+        for actor in self._actors:
+            ray.kill(actor)
+        self._actors.clear()

@@ -1,0 +1,145 @@
+"""Config sections owned by the learner: [model], [ckpt], [perf], [algo] and [optimizer]."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import msgspec
+
+from engine.configbase import Section
+
+
+class ModelConfig(Section, kw_only=True):
+    """[model]: architecture comes from the HF config.json; these keys adjust how it is built."""
+
+    section_name = "model"
+
+    params_dtype: Literal["float32", "bfloat16"] = "float32"
+    make_vocab_size_divisible_by: int = 128
+    attention_dropout: float = 0.0
+    hidden_dropout: float = 0.0
+    # HF config fields replaced before the model is built (the seed's "overriding model parameters").
+    overrides: dict[str, Any] = msgspec.field(default_factory=dict)
+
+    def check(self) -> None:
+        self.positive("make_vocab_size_divisible_by")
+        for key in ("attention_dropout", "hidden_dropout"):
+            value = getattr(self, key)
+            self.require(0.0 <= value < 1.0, key, f"must be in [0, 1), got {value!r}")
+
+
+class CkptConfig(Section, kw_only=True):
+    """[ckpt]: where weights come from and go to (the seed's CKPT_ARGS).
+
+    hf_checkpoint gives tokenizer, architecture and, unless `load` is set, the initial actor weights.
+    ref_load gives the reference model for KL (default: hf_checkpoint). load, ref_load and the
+    checkpoints written to save/step_N are HF-format directories (config.json + model.safetensors).
+    """
+
+    section_name = "ckpt"
+
+    hf_checkpoint: str
+    ref_load: str | None = None
+    load: str | None = None
+    save: str | None = None
+    save_interval: int | None = None
+
+    def check(self) -> None:
+        self.positive("save_interval")
+        if self.save_interval is not None:
+            self.require(self.save is not None, "save_interval", "is set but ckpt.save (a directory) is not")
+
+
+class PerfConfig(Section, kw_only=True):
+    """[perf]: Megatron parallelism and micro-batching (the seed's PERF_ARGS)."""
+
+    section_name = "perf"
+
+    tensor_model_parallel_size: int = 1
+    pipeline_model_parallel_size: int = 1
+    context_parallel_size: int = 1
+    expert_model_parallel_size: int = 1
+    sequence_parallel: bool = False
+    micro_batch_size: int = 1
+
+    def check(self) -> None:
+        self.positive("tensor_model_parallel_size", "micro_batch_size")
+        for key in ("pipeline_model_parallel_size", "context_parallel_size", "expert_model_parallel_size"):
+            self.require(
+                getattr(self, key) == 1, key, f"only 1 is supported by this build, got {getattr(self, key)}"
+            )
+        self.require(
+            not self.sequence_parallel,
+            "sequence_parallel",
+            "needs Transformer Engine or Apex norms, which are not installed",
+        )
+
+
+class AlgoConfig(Section, kw_only=True):
+    """[algo]: the RL objective (the seed's GRPO_ARGS)."""
+
+    section_name = "algo"
+
+    advantage_estimator: Literal["grpo"] = "grpo"
+    grpo_std_normalization: bool = True
+    eps_clip: float = 0.2
+    eps_clip_high: float | None = None
+    eps_clip_c: float | None = None
+    use_kl_loss: bool = False
+    kl_loss_coef: float = 0.0
+    kl_loss_type: Literal["k1", "k2", "k3", "low_var_kl"] = "low_var_kl"
+    entropy_coef: float = 0.0
+    calculate_per_token_loss: bool = False
+    use_tis: bool = False
+    tis_clip: float = 2.0
+    tis_clip_low: float = 0.0
+    use_rollout_logprobs: bool = False
+
+    def check(self) -> None:
+        self.positive("eps_clip", "eps_clip_high", "tis_clip")
+        self.non_negative("kl_loss_coef", "entropy_coef", "tis_clip_low")
+        if self.eps_clip_c is not None:
+            self.require(
+                self.eps_clip_c > 1.0, "eps_clip_c", f"dual-clip constant must be > 1, got {self.eps_clip_c}"
+            )
+        self.require(
+            self.tis_clip_low <= self.tis_clip,
+            "tis_clip_low",
+            f"tis_clip_low={self.tis_clip_low} is above tis_clip={self.tis_clip}",
+        )
+        self.require(
+            self.kl_loss_coef == 0.0 or self.use_kl_loss,
+            "kl_loss_coef",
+            f"is {self.kl_loss_coef} but use_kl_loss is false; set algo.use_kl_loss = true",
+        )
+
+    @property
+    def needs_reference(self) -> bool:
+        return self.use_kl_loss
+
+
+class OptimizerConfig(Section, kw_only=True):
+    """[optimizer]: optimizer and learning-rate schedule (the seed's OPTIMIZER_ARGS)."""
+
+    section_name = "optimizer"
+
+    optimizer: Literal["adam", "sgd"] = "adam"
+    lr: float = 1e-6
+    min_lr: float = 0.0
+    lr_decay_style: Literal["constant", "linear", "cosine"] = "constant"
+    lr_warmup_iters: int = 0
+    lr_decay_iters: int | None = None
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_eps: float = 1e-8
+    sgd_momentum: float = 0.0
+    clip_grad: float = 1.0
+
+    def check(self) -> None:
+        self.positive("lr", "lr_decay_iters", "adam_eps")
+        self.non_negative("min_lr", "lr_warmup_iters", "weight_decay", "clip_grad", "sgd_momentum")
+        self.require(self.min_lr <= self.lr, "min_lr", f"min_lr={self.min_lr} is above lr={self.lr}")
+        for key in ("adam_beta1", "adam_beta2"):
+            value = getattr(self, key)
+            self.require(0.0 <= value < 1.0, key, f"must be in [0, 1), got {value}")

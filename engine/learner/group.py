@@ -1,0 +1,82 @@
+"""The learner as the controller sees it: N LearnerWorker actors driven in lock step.
+
+Every collective call (train, export, save) is sent to all ranks at once, and the call returns only
+when every rank has finished, so no rank is ever left inside a collective the others skipped.
+"""
+
+from __future__ import annotations
+
+import socket
+from typing import Any
+
+import ray
+
+from engine.learner.config import AlgoConfig, CkptConfig, ModelConfig, OptimizerConfig, PerfConfig
+from engine.learner.worker import LearnerWorker
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class LearnerGroup:
+    def __init__(
+        self,
+        *,
+        ranks: int,
+        model: ModelConfig,
+        ckpt: CkptConfig,
+        perf: PerfConfig,
+        algo: AlgoConfig,
+        optimizer: OptimizerConfig,
+        temperature: float,
+        total_steps: int,
+        seed: int,
+        threads: int,
+    ) -> None:
+        master = f"tcp://127.0.0.1:{free_port()}"
+        actor = ray.remote(LearnerWorker)
+        self.workers = [
+            actor.options(num_cpus=0).remote(
+                rank=rank,
+                world_size=ranks,
+                master=master,
+                model=model,
+                ckpt=ckpt,
+                perf=perf,
+                algo=algo,
+                optimizer=optimizer,
+                temperature=temperature,
+                total_steps=total_steps,
+                seed=seed,
+                threads=threads,
+            )
+            for rank in range(ranks)
+        ]
+        self.info = ray.get([w.ready.remote() for w in self.workers])
+
+    def _all(self, method: str, *args: Any) -> list[Any]:
+        return ray.get([getattr(w, method).remote(*args) for w in self.workers])
+
+    def train(self, samples_ref: Any, num_steps: int) -> list[dict[str, float]]:
+        """Train every rank on the rollout behind samples_ref (an ObjectRef; it never passes through here)."""
+        return self._all("train", samples_ref, num_steps)[0]
+
+    def export_weights(self) -> Any:
+        """An ObjectRef to rank 0's HF-named weights, after every rank has taken part in the gather."""
+        refs = [w.export_hf.remote() for w in self.workers]
+        ray.get(refs[1:])
+        ray.wait(refs[:1])
+        return refs[0]
+
+    def save_hf(self, path: str) -> str:
+        return self._all("save_hf", path)[0]
+
+    def compute_logprobs(self, samples: Any) -> list[Any]:
+        return self._all("compute_logprobs", samples)[0]
+
+    def shutdown(self) -> None:
+        for w in self.workers:
+            ray.kill(w)

@@ -1,0 +1,299 @@
+"""HF <-> Megatron-core for dense decoder families (Qwen2, Llama, Qwen3): config, model and weights.
+
+Guarantees: `to_megatron` gives tensor-parallel rank r exactly the shard Megatron's parallel layers hold
+on that rank (fused QKV in query-group order, gate/up fused per rank, vocabulary zero-padded and split),
+and `to_hf` inverts it from the shards of all ranks, so HF -> Megatron -> HF is the identity. An
+architecture outside the table is a ConfigError listing the supported ones.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from engine.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class Family:
+    """What distinguishes one dense decoder family from another, for conversion."""
+
+    qkv_bias_default: bool
+    qk_norm: bool
+
+
+FAMILIES: dict[str, Family] = {
+    "Qwen2ForCausalLM": Family(qkv_bias_default=True, qk_norm=False),
+    "LlamaForCausalLM": Family(qkv_bias_default=False, qk_norm=False),
+    "Qwen3ForCausalLM": Family(qkv_bias_default=False, qk_norm=True),
+}
+
+
+@dataclass(frozen=True)
+class Shape:
+    """The numbers conversion needs, read once from an HF config."""
+
+    layers: int
+    hidden: int
+    heads: int
+    groups: int
+    head_dim: int
+    ffn: int
+    vocab: int
+    padded_vocab: int
+    qkv_bias: bool
+    qk_norm: bool
+    tied: bool
+
+
+def family_of(hf_config: Any) -> Family:
+    archs = list(getattr(hf_config, "architectures", None) or [])
+    for arch in archs:
+        if arch in FAMILIES:
+            return FAMILIES[arch]
+    raise ConfigError(
+        f"unsupported architecture {archs or hf_config.model_type!r}; supported: {', '.join(FAMILIES)}",
+        section="ckpt",
+        key="hf_checkpoint",
+    )
+
+
+def shape_of(hf_config: Any, tp: int = 1, divisible_by: int = 128) -> Shape:
+    family = family_of(hf_config)
+    c = hf_config
+    heads, groups = c.num_attention_heads, getattr(c, "num_key_value_heads", None) or c.num_attention_heads
+    if heads % tp or groups % tp:
+        raise ConfigError(
+            f"attention heads ({heads}) and KV heads ({groups}) must both be divisible by "
+            f"tensor_model_parallel_size={tp}",
+            section="perf",
+            key="tensor_model_parallel_size",
+        )
+    scaling = getattr(c, "rope_scaling", None)
+    if scaling and scaling.get("rope_type", scaling.get("type", "default")) != "default":
+        raise ConfigError(f"rope_scaling {scaling} is not supported", section="ckpt", key="hf_checkpoint")
+    for flag in ("mlp_bias", "attention_bias"):
+        if getattr(c, flag, False) and not (flag == "attention_bias" and family.qkv_bias_default):
+            raise ConfigError(f"{flag} = true is not supported", section="ckpt", key="hf_checkpoint")
+    multiple = divisible_by * tp
+    return Shape(
+        layers=c.num_hidden_layers,
+        hidden=c.hidden_size,
+        heads=heads,
+        groups=groups,
+        head_dim=getattr(c, "head_dim", None) or c.hidden_size // heads,
+        ffn=c.intermediate_size,
+        vocab=c.vocab_size,
+        padded_vocab=-(-c.vocab_size // multiple) * multiple,
+        qkv_bias=family.qkv_bias_default,
+        qk_norm=family.qk_norm,
+        tied=bool(getattr(c, "tie_word_embeddings", False)),
+    )
+
+
+def transformer_config(
+    hf_config: Any, s: Shape, *, tp: int, params_dtype: torch.dtype, dropout: tuple[float, float]
+):
+    """Megatron TransformerConfig for the local (non-Transformer-Engine) layer spec."""
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    on_cpu = not torch.cuda.is_available()
+    return TransformerConfig(
+        num_layers=s.layers,
+        hidden_size=s.hidden,
+        num_attention_heads=s.heads,
+        num_query_groups=s.groups,
+        kv_channels=s.head_dim,
+        ffn_hidden_size=s.ffn,
+        normalization="RMSNorm",
+        layernorm_epsilon=hf_config.rms_norm_eps,
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        add_bias_linear=False,
+        add_qkv_bias=s.qkv_bias,
+        qk_layernorm=s.qk_norm,
+        attention_dropout=dropout[0],
+        hidden_dropout=dropout[1],
+        tensor_model_parallel_size=tp,
+        params_dtype=params_dtype,
+        bf16=params_dtype == torch.bfloat16,
+        attention_softmax_in_fp32=True,
+        use_cpu_initialization=on_cpu,
+        perform_initialization=False,
+        bias_dropout_fusion=False,
+        apply_rope_fusion=False,
+        masked_softmax_fusion=False,
+        gradient_accumulation_fusion=False,
+        persist_layer_norm=False,
+    )
+
+
+def build_gpt_model(hf_config: Any, s: Shape, tconfig: Any) -> torch.nn.Module:
+    """A Megatron GPTModel of the HF architecture, returning full-vocabulary logits on every TP rank."""
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+
+    spec = get_gpt_layer_local_spec(normalization="RMSNorm", qk_layernorm=s.qk_norm)
+    model = GPTModel(
+        config=tconfig,
+        transformer_layer_spec=spec,
+        vocab_size=s.padded_vocab,
+        max_sequence_length=hf_config.max_position_embeddings,
+        position_embedding_type="rope",
+        rotary_base=getattr(hf_config, "rope_theta", 10000.0),
+        rotary_percent=1.0,
+        share_embeddings_and_output_weights=s.tied,
+        parallel_output=False,
+    )
+    mark_tensor_parallel(model, s)
+    return model
+
+
+def mark_tensor_parallel(model: torch.nn.Module, s: Shape) -> None:
+    """Tag every parameter with Megatron's tensor-parallel attributes.
+
+    Megatron sets them only while initialising weights; with perform_initialization=False (the weights
+    come from a checkpoint) they would be missing, and code that must count each TP shard once (the
+    gradient norm) would count split parameters as duplicates.
+    """
+    from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
+
+    params = dict(model.named_parameters())
+    for p in param_maps(s):
+        param = params[p.megatron]
+        if not hasattr(param, "tensor_model_parallel"):
+            split = p.kind != "rep"
+            set_tensor_model_parallel_attributes(
+                param, split, 1 if p.kind == "row" else 0 if split else -1, 1
+            )
+
+
+@dataclass(frozen=True)
+class ParamMap:
+    """One Megatron parameter, the HF tensors it is made of, and how it is split across TP ranks."""
+
+    megatron: str
+    hf: tuple[str, ...]
+    kind: str  # "qkv" | "gate_up" | "col" | "row" | "rep" | "vocab"
+
+
+def param_maps(s: Shape) -> list[ParamMap]:
+    maps = [ParamMap("embedding.word_embeddings.weight", ("model.embed_tokens.weight",), "vocab")]
+    for i in range(s.layers):
+        m, h = f"decoder.layers.{i}.", f"model.layers.{i}."
+        attn = f"{h}self_attn."
+        maps += [
+            ParamMap(f"{m}input_layernorm.weight", (f"{h}input_layernorm.weight",), "rep"),
+            ParamMap(
+                f"{m}self_attention.linear_qkv.weight",
+                (f"{attn}q_proj.weight", f"{attn}k_proj.weight", f"{attn}v_proj.weight"),
+                "qkv",
+            ),
+            ParamMap(f"{m}self_attention.linear_proj.weight", (f"{attn}o_proj.weight",), "row"),
+            ParamMap(f"{m}pre_mlp_layernorm.weight", (f"{h}post_attention_layernorm.weight",), "rep"),
+            ParamMap(
+                f"{m}mlp.linear_fc1.weight", (f"{h}mlp.gate_proj.weight", f"{h}mlp.up_proj.weight"), "gate_up"
+            ),
+            ParamMap(f"{m}mlp.linear_fc2.weight", (f"{h}mlp.down_proj.weight",), "row"),
+        ]
+        if s.qkv_bias:
+            maps.append(
+                ParamMap(
+                    f"{m}self_attention.linear_qkv.bias",
+                    (f"{attn}q_proj.bias", f"{attn}k_proj.bias", f"{attn}v_proj.bias"),
+                    "qkv",
+                )
+            )
+        if s.qk_norm:
+            maps += [
+                ParamMap(f"{m}self_attention.q_layernorm.weight", (f"{attn}q_norm.weight",), "rep"),
+                ParamMap(f"{m}self_attention.k_layernorm.weight", (f"{attn}k_norm.weight",), "rep"),
+            ]
+    maps.append(ParamMap("decoder.final_layernorm.weight", ("model.norm.weight",), "rep"))
+    if not s.tied:
+        maps.append(ParamMap("output_layer.weight", ("lm_head.weight",), "vocab"))
+    return maps
+
+
+def _fuse_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, s: Shape) -> torch.Tensor:
+    per = s.heads // s.groups * s.head_dim
+    rest = q.shape[1:]
+    q, k, v = (
+        q.reshape(s.groups, per, *rest),
+        k.reshape(s.groups, s.head_dim, *rest),
+        v.reshape(s.groups, s.head_dim, *rest),
+    )
+    return torch.cat([q, k, v], dim=1).reshape(-1, *rest)
+
+
+def _split_qkv(fused: torch.Tensor, s: Shape) -> tuple[torch.Tensor, ...]:
+    per = s.heads // s.groups * s.head_dim
+    rest = fused.shape[1:]
+    grouped = fused.reshape(s.groups, per + 2 * s.head_dim, *rest)
+    q, k, v = grouped.split([per, s.head_dim, s.head_dim], dim=1)
+    return q.reshape(-1, *rest), k.reshape(-1, *rest), v.reshape(-1, *rest)
+
+
+def to_megatron(p: ParamMap, hf: list[torch.Tensor], s: Shape, tp_rank: int, tp: int) -> torch.Tensor:
+    """The TP-rank shard of one Megatron parameter, from its HF tensors."""
+    if p.kind == "rep":
+        return hf[0]
+    if p.kind == "row":
+        return hf[0].chunk(tp, dim=1)[tp_rank]
+    if p.kind == "col":
+        return hf[0].chunk(tp, dim=0)[tp_rank]
+    if p.kind == "vocab":
+        full = hf[0].new_zeros(s.padded_vocab, *hf[0].shape[1:])
+        full[: s.vocab] = hf[0]
+        return full.chunk(tp, dim=0)[tp_rank]
+    if p.kind == "qkv":
+        return _fuse_qkv(*hf, s).chunk(tp, dim=0)[tp_rank]
+    if p.kind == "gate_up":
+        gate, up = hf
+        return torch.cat([gate.chunk(tp, dim=0)[tp_rank], up.chunk(tp, dim=0)[tp_rank]], dim=0)
+    raise ValueError(p.kind)
+
+
+def to_hf(p: ParamMap, shards: list[torch.Tensor], s: Shape) -> list[torch.Tensor]:
+    """The HF tensors of one Megatron parameter, from its shards on TP ranks 0..tp-1."""
+    if p.kind == "rep":
+        return [shards[0]]
+    if p.kind == "row":
+        return [torch.cat(shards, dim=1)]
+    if p.kind == "col":
+        return [torch.cat(shards, dim=0)]
+    if p.kind == "vocab":
+        return [torch.cat(shards, dim=0)[: s.vocab]]
+    if p.kind == "qkv":
+        return list(_split_qkv(torch.cat(shards, dim=0), s))
+    if p.kind == "gate_up":
+        halves = [x.chunk(2, dim=0) for x in shards]
+        return [torch.cat([h[0] for h in halves], dim=0), torch.cat([h[1] for h in halves], dim=0)]
+    raise ValueError(p.kind)
+
+
+@torch.no_grad()
+def load_hf_weights(
+    model: torch.nn.Module, hf_state: dict[str, torch.Tensor], s: Shape, tp_rank: int, tp: int
+) -> None:
+    """Copy an HF state dict into a Megatron model's shard; every parameter must be covered exactly."""
+    params = dict(model.named_parameters())
+    expected = {p.megatron for p in param_maps(s)}
+    if set(params) != expected:
+        raise RuntimeError(
+            f"Megatron parameters differ from the conversion table: {sorted(set(params) ^ expected)[:6]}"
+        )
+    missing = [n for p in param_maps(s) for n in p.hf if n not in hf_state]
+    if missing:
+        raise RuntimeError(f"HF checkpoint lacks {missing[:6]}")
+    for p in param_maps(s):
+        shard = to_megatron(p, [hf_state[n] for n in p.hf], s, tp_rank, tp)
+        target = params[p.megatron]
+        if shard.shape != target.shape:
+            raise RuntimeError(
+                f"{p.megatron}: converted shape {tuple(shard.shape)}, model has {tuple(target.shape)}"
+            )
+        target.copy_(shard)

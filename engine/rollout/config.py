@@ -1,0 +1,111 @@
+"""Config sections owned by the rollout side: [rollout], [eval] and [inference]."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import msgspec
+
+from engine.configbase import Section
+
+
+class RolloutConfig(Section, kw_only=True):
+    """[rollout]: prompt data, batch sizes, sampling and reward (the seed's ROLLOUT_ARGS)."""
+
+    section_name = "rollout"
+
+    # Data.
+    prompt_data: str
+    input_key: str = "input"
+    label_key: str | None = "label"
+    metadata_key: str = "metadata"
+    apply_chat_template: bool = False
+    shuffle: bool = True
+    seed: int = 42
+    # Batch sizes: batch_size x n_samples_per_prompt = global_batch_size x num_steps_per_rollout.
+    batch_size: int
+    n_samples_per_prompt: int = 1
+    global_batch_size: int | None = None
+    num_steps_per_rollout: int = 1
+    num_rollout: int | None = None
+    num_epoch: int | None = None
+    # Sampling.
+    max_response_len: int = 1024
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1
+    stop_token_ids: list[int] = msgspec.field(default_factory=list)
+    # Reward.
+    rm_type: str = "math"
+    custom_rm_path: str | None = None
+    reward_workers: int = 1
+    # Producer.
+    max_concurrency: int = 256
+
+    def check(self) -> None:
+        self.positive("batch_size", "n_samples_per_prompt", "global_batch_size", "num_steps_per_rollout")
+        self.positive("num_rollout", "num_epoch", "max_response_len", "reward_workers", "max_concurrency")
+        self.non_negative("temperature")
+        self.require(0.0 < self.top_p <= 1.0, "top_p", f"must be in (0, 1], got {self.top_p!r}")
+        self.require(
+            self.top_k == -1 or self.top_k > 0, "top_k", f"must be -1 (off) or > 0, got {self.top_k}"
+        )
+        self.require(
+            self.num_rollout is not None or self.num_epoch is not None,
+            "num_rollout",
+            "set num_rollout (rollout steps) or num_epoch (passes over prompt_data)",
+        )
+
+    @property
+    def derived_global_batch_size(self) -> int:
+        if self.global_batch_size is not None:
+            return self.global_batch_size
+        return self.batch_size * self.n_samples_per_prompt // self.num_steps_per_rollout
+
+
+class EvalConfig(Section, kw_only=True):
+    """[eval]: held-out evaluation (the seed's EVAL_ARGS). Unset sampling keys inherit from [rollout]."""
+
+    section_name = "eval"
+
+    interval: int | None = None
+    datasets: dict[str, str] = msgspec.field(default_factory=dict)
+    n_samples_per_eval_prompt: int = 1
+    max_response_len: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    input_key: str | None = None
+    label_key: str | None = None
+    metadata_key: str | None = None
+    apply_chat_template: bool | None = None
+
+    def check(self) -> None:
+        self.positive("interval", "n_samples_per_eval_prompt", "max_response_len")
+        self.non_negative("temperature")
+        if self.top_p is not None:
+            self.require(0.0 < self.top_p <= 1.0, "top_p", f"must be in (0, 1], got {self.top_p!r}")
+        if self.interval is not None:
+            self.require(
+                bool(self.datasets), "datasets", "eval.interval is set but no eval.datasets are given"
+            )
+        for name in self.datasets:
+            self.require(name.isidentifier(), "datasets", f"dataset name {name!r} must be an identifier")
+
+
+class InferenceConfig(Section, kw_only=True):
+    """[inference]: the inference engines (the seed's SGLANG_ARGS; the embedded engine by default)."""
+
+    section_name = "inference"
+
+    backend: Literal["embedded"] = "embedded"
+    num_engines: int = 1
+    max_batch_size: int = 256
+    batch_wait_ms: float = 2.0
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    attn_implementation: Literal["sdpa", "eager"] = "sdpa"
+    seed: int = 0
+
+    def check(self) -> None:
+        self.positive("num_engines", "max_batch_size")
+        self.non_negative("batch_wait_ms")

@@ -1,0 +1,187 @@
+"""Typed messages that cross process boundaries: samples (producer -> buffer -> learner) and the
+generation contract between the producer and any inference engine.
+
+Guarantee: a Sample encodes to msgpack with token ids, log-probs, versions and loss mask as raw
+little-endian buffers (not lists of Python numbers), and decodes back bit for bit; a message that is not
+a well-formed Sample of this schema version fails to decode with a WireError.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import msgspec
+import numpy as np
+
+from engine.errors import WireError
+
+Status = Literal["completed", "truncated", "aborted"]
+FinishReason = Literal["stop", "length", "abort"]
+
+TOKEN_DTYPE = np.dtype("<i4")
+LOGPROB_DTYPE = np.dtype("<f4")
+VERSION_DTYPE = np.dtype("<i4")
+MASK_DTYPE = np.dtype("u1")
+
+
+def pack(values: Any, dtype: np.dtype) -> bytes:
+    """Values as a raw little-endian buffer of `dtype`."""
+    return np.ascontiguousarray(values, dtype=dtype).tobytes()
+
+
+def unpack(buf: bytes, dtype: np.dtype) -> np.ndarray:
+    """A read-only array view over a raw buffer."""
+    return np.frombuffer(buf, dtype=dtype)
+
+
+class Sample(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, tag="sample/1"):
+    """One response to one prompt, with everything the learner and the ledger need.
+
+    `versions[i]` is the policy version that produced response token i (partial rollouts span
+    versions); `loss_mask[i]` is 0 for response tokens the loss must ignore.
+    """
+
+    group_id: int
+    index: int
+    group_size: int
+    prompt_index: int
+    prompt_ids: bytes
+    response_ids: bytes
+    rollout_logprobs: bytes
+    versions: bytes
+    loss_mask: bytes
+    reward: float
+    status: Status
+    label: str | None = None
+    metadata: dict[str, Any] = msgspec.field(default_factory=dict)
+    response_text: str = ""
+
+    @classmethod
+    def build(
+        cls,
+        *,
+        prompt_ids: Any,
+        response_ids: Any,
+        rollout_logprobs: Any,
+        versions: Any,
+        loss_mask: Any = None,
+        **fields: Any,
+    ) -> Sample:
+        n = len(response_ids)
+        if loss_mask is None:
+            loss_mask = np.ones(n, dtype=MASK_DTYPE)
+        sample = cls(
+            prompt_ids=pack(prompt_ids, TOKEN_DTYPE),
+            response_ids=pack(response_ids, TOKEN_DTYPE),
+            rollout_logprobs=pack(rollout_logprobs, LOGPROB_DTYPE),
+            versions=pack(versions, VERSION_DTYPE),
+            loss_mask=pack(loss_mask, MASK_DTYPE),
+            **fields,
+        )
+        sample.validate()
+        return sample
+
+    @property
+    def prompt_array(self) -> np.ndarray:
+        return unpack(self.prompt_ids, TOKEN_DTYPE)
+
+    @property
+    def response_array(self) -> np.ndarray:
+        return unpack(self.response_ids, TOKEN_DTYPE)
+
+    @property
+    def logprob_array(self) -> np.ndarray:
+        return unpack(self.rollout_logprobs, LOGPROB_DTYPE)
+
+    @property
+    def version_array(self) -> np.ndarray:
+        return unpack(self.versions, VERSION_DTYPE)
+
+    @property
+    def mask_array(self) -> np.ndarray:
+        return unpack(self.loss_mask, MASK_DTYPE)
+
+    @property
+    def response_len(self) -> int:
+        return len(self.response_ids) // TOKEN_DTYPE.itemsize
+
+    @property
+    def oldest_version(self) -> int:
+        v = self.version_array
+        return int(v.min()) if len(v) else -1
+
+    def validate(self) -> None:
+        """Raise WireError unless buffer sizes agree with each other and with the group fields."""
+        for name, buf, dtype in (
+            ("prompt_ids", self.prompt_ids, TOKEN_DTYPE),
+            ("response_ids", self.response_ids, TOKEN_DTYPE),
+            ("rollout_logprobs", self.rollout_logprobs, LOGPROB_DTYPE),
+            ("versions", self.versions, VERSION_DTYPE),
+        ):
+            if len(buf) % dtype.itemsize:
+                raise WireError(
+                    f"sample {self.group_id}/{self.index}: {name} is not a whole number of {dtype}"
+                )
+        n = self.response_len
+        for name, got in (
+            ("rollout_logprobs", len(self.logprob_array)),
+            ("versions", len(self.version_array)),
+            ("loss_mask", len(self.mask_array)),
+        ):
+            if got != n:
+                raise WireError(
+                    f"sample {self.group_id}/{self.index}: {name} has {got} entries, response has {n}"
+                )
+        if not 0 <= self.index < self.group_size:
+            raise WireError(f"sample {self.group_id}/{self.index}: index outside group of {self.group_size}")
+        if not np.isfinite(self.reward):
+            raise WireError(f"sample {self.group_id}/{self.index}: reward {self.reward} is not finite")
+
+
+_encoder = msgspec.msgpack.Encoder()
+_decoder = msgspec.msgpack.Decoder(Sample)
+
+
+def encode_sample(sample: Sample) -> bytes:
+    return _encoder.encode(sample)
+
+
+def decode_sample(data: bytes | memoryview) -> Sample:
+    """Decode and validate one sample; anything else raises WireError."""
+    try:
+        sample = _decoder.decode(data)
+    except (msgspec.DecodeError, msgspec.ValidationError) as e:
+        raise WireError(f"not a valid sample: {e}") from None
+    sample.validate()
+    return sample
+
+
+class SamplingParams(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Per-request sampling. temperature 0 is greedy; top_k -1 and top_p 1.0 are off."""
+
+    max_new_tokens: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1
+    stop_token_ids: tuple[int, ...] = ()
+
+
+class GenerateRequest(msgspec.Struct, frozen=True, kw_only=True):
+    """One generation: prompt token ids plus sampling. `rid` is unique per request within a producer;
+    `seed` fixes the request's random draws (None: the engine picks one)."""
+
+    rid: int
+    prompt_ids: tuple[int, ...]
+    params: SamplingParams
+    seed: int | None = None
+
+
+class GenerateResult(msgspec.Struct, kw_only=True):
+    """Response tokens with, per token, log softmax(logits / temperature) of the sampled token and the
+    policy version that produced it."""
+
+    rid: int
+    token_ids: list[int]
+    logprobs: list[float]
+    versions: list[int]
+    finish_reason: FinishReason

@@ -1,0 +1,24 @@
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from tests.helpers import make_checkpoint
+
+
+@pytest.fixture(scope="session")
+def tiny_ckpt(tmp_path_factory):
+    """A random tiny Qwen2 checkpoint (tied embeddings) with the character tokenizer."""
+    return make_checkpoint(tmp_path_factory.mktemp("tiny") / "qwen2")
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One local Ray instance for the session (actors request no CPUs, as on a 2-core machine)."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
