@@ -18,7 +18,7 @@ class ModelConfig(Section, kw_only=True):
     make_vocab_size_divisible_by: int = 128
     attention_dropout: float = 0.0
     hidden_dropout: float = 0.0
-    # HF config fields replaced before the model is built (the seed's "overriding model parameters").
+    # HF config fields replaced before the model is built (like overriding model parameters after sourcing a slime model script).
     overrides: dict[str, Any] = msgspec.field(default_factory=dict)
 
     def check(self) -> None:
@@ -29,7 +29,7 @@ class ModelConfig(Section, kw_only=True):
 
 
 class CkptConfig(Section, kw_only=True):
-    """[ckpt]: where weights come from and go to (the seed's CKPT_ARGS).
+    """[ckpt]: where weights come from and go to (slime's CKPT_ARGS group).
 
     hf_checkpoint gives tokenizer, architecture and, unless `load` is set, the initial actor weights.
     ref_load gives the reference model for KL (default: hf_checkpoint). load, ref_load and the
@@ -51,7 +51,7 @@ class CkptConfig(Section, kw_only=True):
 
 
 class PerfConfig(Section, kw_only=True):
-    """[perf]: Megatron parallelism and micro-batching (the seed's PERF_ARGS)."""
+    """[perf]: Megatron parallelism and micro-batching (slime's PERF_ARGS group)."""
 
     section_name = "perf"
 
@@ -76,7 +76,7 @@ class PerfConfig(Section, kw_only=True):
 
 
 class AlgoConfig(Section, kw_only=True):
-    """[algo]: the RL objective (the seed's GRPO_ARGS)."""
+    """[algo]: the RL objective (slime's GRPO_ARGS group)."""
 
     section_name = "algo"
 
@@ -119,7 +119,7 @@ class AlgoConfig(Section, kw_only=True):
 
 
 class OptimizerConfig(Section, kw_only=True):
-    """[optimizer]: optimizer and learning-rate schedule (the seed's OPTIMIZER_ARGS)."""
+    """[optimizer]: optimizer and learning-rate schedule (slime's OPTIMIZER_ARGS group)."""
 
     section_name = "optimizer"
 

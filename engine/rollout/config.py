@@ -10,7 +10,7 @@ from engine.configbase import Section
 
 
 class RolloutConfig(Section, kw_only=True):
-    """[rollout]: prompt data, batch sizes, sampling and reward (the seed's ROLLOUT_ARGS)."""
+    """[rollout]: prompt data, batch sizes, sampling and reward (slime's ROLLOUT_ARGS group)."""
 
     section_name = "rollout"
 
@@ -64,7 +64,7 @@ class RolloutConfig(Section, kw_only=True):
 
 
 class EvalConfig(Section, kw_only=True):
-    """[eval]: held-out evaluation (the seed's EVAL_ARGS). Unset sampling keys inherit from [rollout]."""
+    """[eval]: held-out evaluation (slime's EVAL_ARGS group). Unset sampling keys inherit from [rollout]."""
 
     section_name = "eval"
 
@@ -94,7 +94,7 @@ class EvalConfig(Section, kw_only=True):
 
 
 class InferenceConfig(Section, kw_only=True):
-    """[inference]: the inference engines (the seed's SGLANG_ARGS; the embedded engine by default)."""
+    """[inference]: the inference engines (slime's SGLANG_ARGS group; the embedded engine by default)."""
 
     section_name = "inference"
 
@@ -104,7 +104,6 @@ class InferenceConfig(Section, kw_only=True):
     batch_wait_ms: float = 2.0
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     attn_implementation: Literal["sdpa", "eager"] = "sdpa"
-    seed: int = 0
 
     def check(self) -> None:
         self.positive("num_engines", "max_batch_size")

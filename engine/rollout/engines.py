@@ -51,7 +51,7 @@ class EmbeddedEngineActor:
             model_path,
             dtype=cfg.dtype,
             attn_implementation=cfg.attn_implementation,
-            seed=cfg.seed + index,
+            seed=index,
             overrides=overrides,
         )
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"engine{index}")

@@ -61,7 +61,7 @@ def load_object(path: str) -> Any:
 
 
 def resolve_reward(rm_type: str, custom_rm_path: str | None) -> RewardFn:
-    """The reward function for a config: the custom path wins over rm_type, as in the seed's options."""
+    """The reward function for a config: the custom path wins over rm_type, as in slime's --custom-rm-path."""
     if custom_rm_path:
         fn = load_object(custom_rm_path)
         if not callable(fn):
