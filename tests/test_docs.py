@@ -23,7 +23,11 @@ def test_every_key_is_documented() -> None:
     for field in msgspec.structs.fields(Config):
         if hasattr(field.type, "__struct_fields__"):
             text = block(f"[{field.name}]")
-            missing += [f"{field.name}.{f.name}" for f in msgspec.structs.fields(field.type) if f"`{f.name}`" not in text]
+            missing += [
+                f"{field.name}.{f.name}"
+                for f in msgspec.structs.fields(field.type)
+                if f"`{f.name}`" not in text
+            ]
         elif f"`{field.name}`" not in block("Top level"):
             missing.append(field.name)
     assert not missing, f"undocumented config keys: {missing}"

@@ -18,7 +18,7 @@ class ModelConfig(Section, kw_only=True):
     make_vocab_size_divisible_by: int = 128
     attention_dropout: float = 0.0
     hidden_dropout: float = 0.0
-    # HF config fields replaced before the model is built (like overriding model parameters after sourcing a slime model script).
+    # HF config fields replaced before learner and engines build the model (e.g. rope_theta).
     overrides: dict[str, Any] = msgspec.field(default_factory=dict)
 
     def check(self) -> None:

@@ -92,7 +92,6 @@ class LearnerWorker:
             wd_incr_steps=1,
             wd_incr_style="constant",
         )
-        self.steps_done = 0
 
     # --- set-up -------------------------------------------------------------------------------------
 
@@ -228,7 +227,6 @@ class LearnerWorker:
         grad_norm = self._clip_grads(self.opt_cfg.clip_grad)
         self.optimizer.step()
         self.scheduler.step(1)
-        self.steps_done += 1
         reduced = self._allreduce_stats({**shares, **{f"sum/{k}": v for k, v in sums.items()}})
         out = {k: v for k, v in reduced.items() if not k.startswith("sum/")}
         out.update({k[4:]: v / max(tokens, 1.0) for k, v in reduced.items() if k.startswith("sum/")})

@@ -54,7 +54,6 @@ def load_prompts(
     label_key: str | None = "label",
     metadata_key: str = "metadata",
     apply_chat_template: bool = False,
-    max_prompt_len: int | None = None,
 ) -> list[Prompt]:
     """Read and tokenize every record of a JSONL file, checking each one."""
     path = str(path)
@@ -96,8 +95,6 @@ def load_prompts(
         ids = tuple(tokenizer(text, add_special_tokens=False).input_ids)
         if not ids:
             raise DataError("prompt is empty after tokenization", file=path, line=lineno)
-        if max_prompt_len is not None and len(ids) > max_prompt_len:
-            raise DataError(f"prompt has {len(ids)} tokens, above {max_prompt_len}", file=path, line=lineno)
         prompts.append(Prompt(index=lineno - 1, token_ids=ids, text=text, label=label, metadata=metadata))
     if not prompts:
         raise DataError("no records", file=path)
