@@ -66,6 +66,7 @@ def prepare(config_path: str, overrides: list[str]) -> tuple[Config, list, dict,
             section="rollout",
             key="num_epoch",
         )
+    config.optimizer.check_schedule(num_rollout * r.num_steps_per_rollout)
     return config, prompts, eval_sets, num_rollout
 
 

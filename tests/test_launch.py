@@ -21,6 +21,7 @@ SMALL = [
     "rollout.n_samples_per_prompt=4",
     "perf.micro_batch_size=8",
     "eval.n_samples_per_eval_prompt=1",
+    "optimizer.lr_warmup_iters=0",
     "--no-progress",
 ]
 
@@ -88,6 +89,14 @@ def test_bad_config_fails_before_start(tmp_path: Path) -> None:
     assert "rollout.batch_size=5 x rollout.n_samples_per_prompt=8 = 40" in proc.stderr
     assert "(from command-line override" in proc.stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_schedule_longer_than_the_run_is_a_config_error(tmp_path: Path) -> None:
+    proc = launch(tmp_path, "rollout.num_rollout=3")
+    assert proc.returncode == 2
+    assert (
+        "[optimizer] lr_warmup_iters: 5 warm-up steps do not fit in a cosine decay of 3 steps" in proc.stderr
+    )
 
 
 def test_malformed_data_names_file_and_line(tmp_path: Path) -> None:

@@ -143,3 +143,18 @@ class OptimizerConfig(Section, kw_only=True):
         for key in ("adam_beta1", "adam_beta2"):
             value = getattr(self, key)
             self.require(0.0 <= value < 1.0, key, f"must be in [0, 1), got {value}")
+
+    def decay_steps(self, total_steps: int) -> int:
+        """Optimizer steps of the decay: lr_decay_iters, else the whole run."""
+        return self.lr_decay_iters or max(total_steps, 1)
+
+    def check_schedule(self, total_steps: int) -> None:
+        """The schedule must fit the run (Megatron's scheduler needs warm-up shorter than the decay)."""
+        decay = self.decay_steps(total_steps)
+        self.require(
+            self.lr_decay_style == "constant" or self.lr_warmup_iters < decay,
+            "lr_warmup_iters",
+            f"{self.lr_warmup_iters} warm-up steps do not fit in a {self.lr_decay_style} decay of "
+            f"{decay} steps (optimizer.lr_decay_iters, by default "
+            "rollout.num_rollout x rollout.num_steps_per_rollout)",
+        )

@@ -74,11 +74,8 @@ class LearnerWorker:
             self.ref_model = self._build(ckpt.ref_load or ckpt.hf_checkpoint)
             self.ref_model.requires_grad_(False)
         self.optimizer = self._make_optimizer()
-        decay_steps = optimizer.lr_decay_iters or max(total_steps, 1)
-        if optimizer.lr_warmup_iters >= decay_steps and optimizer.lr_decay_style != "constant":
-            raise ValueError(
-                f"lr_warmup_iters={optimizer.lr_warmup_iters} must be below the decay steps {decay_steps}"
-            )
+        optimizer.check_schedule(total_steps)
+        decay_steps = optimizer.decay_steps(total_steps)
         self.scheduler = OptimizerParamScheduler(
             self.optimizer,
             init_lr=0.0 if optimizer.lr_warmup_iters else optimizer.lr,
