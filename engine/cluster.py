@@ -10,8 +10,10 @@ import contextlib
 import logging
 import os
 from collections.abc import Iterator
+from typing import Any
 
 import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from engine.configbase import Section
 
@@ -38,6 +40,19 @@ class ClusterConfig(Section, kw_only=True):
 
     def threads(self) -> int:
         return self.torch_threads or (os.cpu_count() or 1)
+
+
+def actor_options(**extra: Any) -> dict[str, Any]:
+    """Ray options for this project's actors: no CPU reservation (they share the machine's cores and
+    set their own thread counts), placed on the driver's node. The learner's rendezvous and the sample
+    socket use loopback addresses, so in this version every actor runs where the driver runs, also
+    when the driver joins a multi-node cluster."""
+    node = ray.get_runtime_context().get_node_id()
+    return {
+        "num_cpus": 0,
+        "scheduling_strategy": NodeAffinitySchedulingStrategy(node_id=node, soft=False),
+        **extra,
+    }
 
 
 @contextlib.contextmanager

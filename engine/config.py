@@ -94,10 +94,6 @@ class Config(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
                 key="global_batch_size",
             )
 
-    @property
-    def data_parallel_size(self) -> int:
-        return self.cluster.learner_ranks // self.perf.tensor_model_parallel_size
-
 
 def parse_override(item: str) -> tuple[list[str], Any]:
     """`section.key=value` -> (["section", "key"], value). The value is read as TOML, else as a string."""

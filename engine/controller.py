@@ -24,6 +24,7 @@ from typing import Any
 import ray
 
 from engine.buffer.buffer import BufferActor
+from engine.cluster import actor_options
 from engine.config import Config
 from engine.learner.group import LearnerGroup
 from engine.metrics import MetricsLogger, mean_of
@@ -43,18 +44,19 @@ class Trainer:
     ) -> None:
         self.cfg, self.num_rollout, self.logger = config, num_rollout, logger
         self.prompts, self.eval_sets = prompts, eval_sets
+        self.groups_per_step = config.rollout.batch_size
         self.version = 0
         self._actors: list[Any] = []
 
     def build(self) -> None:
         c = self.cfg
         threads = c.cluster.threads()
-        self.buffer = ray.remote(BufferActor).options(num_cpus=0, max_concurrency=4).remote()
+        self.buffer = ray.remote(BufferActor).options(**actor_options(max_concurrency=4)).remote()
         self._actors.append(self.buffer)
         address = ray.get(self.buffer.address.remote())
         engine_actor = ray.remote(EmbeddedEngineActor)
         self.engines = [
-            engine_actor.options(num_cpus=0).remote(
+            engine_actor.options(**actor_options()).remote(
                 c.ckpt.load or c.ckpt.hf_checkpoint, c.inference, i, threads, c.model.overrides
             )
             for i in range(c.inference.num_engines)
@@ -62,7 +64,7 @@ class Trainer:
         self._actors += self.engines
         self.producer = (
             ray.remote(ProducerActor)
-            .options(num_cpus=0, max_concurrency=4)
+            .options(**actor_options(max_concurrency=4))
             .remote(
                 c.rollout,
                 c.eval,
@@ -91,14 +93,37 @@ class Trainer:
         ray.get(self.producer.num_prompts.remote())
         self.prompts, self.eval_sets = [], {}  # the producer holds them now
 
-    def _wait(self, ref: Any, producer_run: Any) -> Any:
-        """ray.get(ref), but fail fast if the producer's run call fails first."""
-        while True:
-            ready, _ = ray.wait([ref, producer_run], num_returns=1, timeout=None)
-            if ref in ready:
-                return ray.get(ref)
-            ray.get(producer_run)  # raises the producer's error; returns when it simply finished
+    def _wait_batch(self, ref: Any, producer_run: Any, step: int) -> Any:
+        """ray.get(ref) for step's batch, failing instead of waiting forever when it cannot come.
+
+        If the producer fails first, its error is raised. Once it has finished, every sample is sent; if
+        the buffer has then received them all and still cannot complete the step's groups (a sample was
+        rejected), the step can never be served, and that is an error naming the counts.
+        """
+        ready, _ = ray.wait([ref, producer_run], num_returns=1)
+        if ref in ready:
             return ray.get(ref)
+        sent = ray.get(producer_run)["samples"]  # raises the producer's error
+        while not ray.wait([ref], timeout=1.0)[0]:
+            stats = ray.get(self.buffer.stats.remote())
+            if (
+                stats["batches"] < step
+                and stats["received"] >= sent
+                and stats["ready_groups"] < self.groups_per_step
+            ):
+                raise RuntimeError(
+                    f"step {step}: the producer sent all {sent} samples, the buffer holds "
+                    f"{stats['ready_groups']} of the {self.groups_per_step} groups this step needs and "
+                    f"{stats['partial_groups']} incomplete ones (rejected: {stats['rejected']})"
+                )
+        return ray.get(ref)
+
+    def eval_due(self, step: int) -> bool:
+        """Evaluate at step 0, every eval.interval steps and at the last step (when there are eval sets)."""
+        interval = self.cfg.eval.interval
+        if not self.cfg.eval.datasets:
+            return False
+        return step in (0, self.num_rollout) or bool(interval and step % interval == 0)
 
     def evaluate(self) -> dict[str, float]:
         names = list(self.cfg.eval.datasets)
@@ -107,14 +132,13 @@ class Trainer:
 
     def run(self) -> None:
         c = self.cfg
-        groups_per_step = c.rollout.batch_size
-        producer_run = self.producer.run.remote(self.num_rollout * groups_per_step)
-        if c.eval.interval:
+        producer_run = self.producer.run.remote(self.num_rollout * self.groups_per_step)
+        if self.eval_due(0):
             self.logger.log(0, self.evaluate())
         for step in range(1, self.num_rollout + 1):
             t0 = time.perf_counter()
-            samples_ref, stats_ref = self.buffer.get_batch.options(num_returns=2).remote(groups_per_step)
-            metrics = dict(self._wait(stats_ref, producer_run))
+            samples_ref, stats_ref = self.buffer.get_batch.options(num_returns=2).remote(self.groups_per_step)
+            metrics = dict(self._wait_batch(stats_ref, producer_run, step))
             t1 = time.perf_counter()
             train_steps = self.learner.train(samples_ref, c.rollout.num_steps_per_rollout)
             t2 = time.perf_counter()
@@ -129,7 +153,7 @@ class Trainer:
                     "version": self.version,
                 }
             )
-            if c.eval.interval and (step % c.eval.interval == 0 or step == self.num_rollout):
+            if self.eval_due(step):
                 metrics.update(self.evaluate())
             if c.ckpt.save and (
                 (c.ckpt.save_interval and step % c.ckpt.save_interval == 0) or step == self.num_rollout

@@ -22,6 +22,10 @@ def load_hf_config(path: str, overrides: dict[str, Any] | None = None) -> Any:
             f"cannot read an HF config from {path!r}: {e}", section="ckpt", key="hf_checkpoint"
         ) from None
     for key, value in (overrides or {}).items():
+        rope = getattr(config, "rope_parameters", None)
+        if not hasattr(config, key) and isinstance(rope, dict) and key in rope:
+            rope[key] = value  # transformers 5 keeps rope_theta and friends in rope_parameters
+            continue
         if not hasattr(config, key):
             raise ConfigError(
                 f"{key!r} is not a field of the {type(config).__name__}",
@@ -30,3 +34,13 @@ def load_hf_config(path: str, overrides: dict[str, Any] | None = None) -> Any:
             )
         setattr(config, key, value)
     return config
+
+
+TORCH_DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
+
+
+def torch_dtype(name: str) -> Any:
+    """The torch dtype called `name` in config files."""
+    import torch
+
+    return getattr(torch, TORCH_DTYPES[name])

@@ -54,7 +54,10 @@ def prepare(config_path: str, overrides: list[str]) -> tuple[Config, list, dict,
     hf_config = load_hf_config(config.ckpt.hf_checkpoint, config.model.overrides)
     shape_of(hf_config, tp=config.perf.tensor_model_parallel_size)
     resolve_reward(config.rollout.rm_type, config.rollout.custom_rm_path)
-    tokenizer = AutoTokenizer.from_pretrained(config.ckpt.hf_checkpoint)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(config.ckpt.hf_checkpoint)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"cannot load a tokenizer: {e}", section="ckpt", key="hf_checkpoint") from None
     prompts, eval_sets = load_datasets(config.rollout, config.eval, tokenizer)
     r = config.rollout
     num_rollout = (
@@ -103,9 +106,8 @@ def main(argv: list[str] | None = None) -> int:
         config.rollout.n_samples_per_prompt,
     )
 
-    logger = MetricsLogger(
-        run_dir, num_rollout, tensorboard=config.tensorboard, progress=None if not args.no_progress else False
-    )
+    progress = False if args.no_progress else None
+    logger = MetricsLogger(run_dir, num_rollout, tensorboard=config.tensorboard, progress=progress)
     started = time.monotonic()
     try:
         with ray_session(config.cluster):
@@ -117,14 +119,13 @@ def main(argv: list[str] | None = None) -> int:
             finally:
                 trainer.kill()
     except KeyboardInterrupt:
-        logger.close()
         print(f"interrupted; metrics so far are in {logger.path}", file=sys.stderr)
         return 130
     except Exception:
-        logger.close()
         log.exception("run failed; metrics so far are in %s", logger.path)
         return 1
-    logger.close()
+    finally:
+        logger.close()
     print(f"done in {time.monotonic() - started:.0f}s; metrics: {logger.path}", file=sys.stderr)
     return 0
 

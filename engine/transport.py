@@ -51,11 +51,9 @@ class ZmqSampleSink(SampleSink):
         self._sock.setsockopt(zmq.SNDHWM, hwm)
         self._sock.setsockopt(zmq.LINGER, LINGER_MS)
         self._sock.connect(address)
-        self.sent = 0
 
     async def send(self, sample: Sample) -> None:
         await self._sock.send(encode_sample(sample), copy=False)
-        self.sent += 1
 
     def close(self) -> None:
         self._sock.close()

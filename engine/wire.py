@@ -105,11 +105,6 @@ class Sample(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, tag="samp
     def response_len(self) -> int:
         return len(self.response_ids) // TOKEN_DTYPE.itemsize
 
-    @property
-    def oldest_version(self) -> int:
-        v = self.version_array
-        return int(v.min()) if len(v) else -1
-
     def validate(self) -> None:
         """Raise WireError unless buffer sizes agree with each other and with the group fields."""
         for name, buf, dtype in (

@@ -17,7 +17,9 @@ FAMILIES = {
 }
 
 
-def make_checkpoint(path: Path, family: str = "qwen2", *, tied: bool = True, seed: int = 0) -> Path:
+def make_checkpoint(
+    path: Path, family: str = "qwen2", *, tied: bool = True, seed: int = 0, rope_theta: float = 10000.0
+) -> Path:
     """A random tiny HF checkpoint of `family` with the built-in character tokenizer."""
     import transformers
 
@@ -35,6 +37,7 @@ def make_checkpoint(path: Path, family: str = "qwen2", *, tied: bool = True, see
         eos_token_id=0,
         pad_token_id=0,
         bos_token_id=0,
+        rope_theta=rope_theta,
     )
     if family == "qwen3":
         kwargs["head_dim"] = 32

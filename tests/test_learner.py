@@ -10,6 +10,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from engine.errors import ConfigError
 from engine.hf_config import load_hf_config
 from engine.learner import hf_bridge
 from engine.learner.config import AlgoConfig, CkptConfig, ModelConfig, OptimizerConfig, PerfConfig
@@ -20,14 +21,14 @@ from engine.wire import GenerateRequest, Sample, SamplingParams
 from tests.helpers import FAMILIES, make_checkpoint, prompt_ids
 
 
-def group(ckpt, *, ranks=1, tp=1, micro=4, algo=None, lr=1e-3) -> LearnerGroup:
+def group(ckpt, *, ranks=1, tp=1, micro=4, algo=None, optimizer=None) -> LearnerGroup:
     return LearnerGroup(
         ranks=ranks,
         model=ModelConfig(),
         ckpt=CkptConfig(hf_checkpoint=str(ckpt)),
         perf=PerfConfig(tensor_model_parallel_size=tp, micro_batch_size=micro),
         algo=algo or AlgoConfig(),
-        optimizer=OptimizerConfig(lr=lr),
+        optimizer=optimizer or OptimizerConfig(lr=1e-3),
         temperature=1.0,
         total_steps=10,
         seed=0,
@@ -92,6 +93,15 @@ def test_conversion_round_trip_is_identity_for_any_tp(tmp_path) -> None:
                         assert torch.equal(back, state[name]), (family, tied, tp, name)
 
 
+def test_rope_theta_is_read_and_overridable(tmp_path) -> None:
+    path = make_checkpoint(tmp_path / "rope", rope_theta=1e6)
+    assert hf_bridge.rope_parameters(load_hf_config(str(path)))["rope_theta"] == 1e6
+    overridden = load_hf_config(str(path), {"rope_theta": 5e5, "rms_norm_eps": 1e-5})
+    assert hf_bridge.rope_parameters(overridden)["rope_theta"] == 5e5 and overridden.rms_norm_eps == 1e-5
+    with pytest.raises(ConfigError, match=r"\[model\] overrides.no_such_field"):
+        load_hf_config(str(path), {"no_such_field": 1})
+
+
 def test_unsupported_architecture_is_a_clear_error(tiny_ckpt) -> None:
     config = load_hf_config(str(tiny_ckpt))
     config.architectures = ["GPT2LMHeadModel"]
@@ -121,9 +131,11 @@ def test_export_to_engine_gives_hf_logits(single, tiny_ckpt, samples) -> None:
         assert torch.allclose(engine.model(input_ids=ids).logits, reference(input_ids=ids).logits, atol=1e-5)
 
 
-@pytest.mark.parametrize("family, tied", [("llama", False), ("qwen3", True), ("qwen2", False)])
-def test_megatron_forward_matches_hf_for_each_family(ray_local, tmp_path, family, tied) -> None:
-    path = make_checkpoint(tmp_path / family, family, tied=tied, seed=3)
+@pytest.mark.parametrize(
+    "family, tied, rope_theta", [("llama", False, 5e5), ("qwen3", True, 1e6), ("qwen2", False, 1e6)]
+)
+def test_megatron_forward_matches_hf_for_each_family(ray_local, tmp_path, family, tied, rope_theta) -> None:
+    path = make_checkpoint(tmp_path / family, family, tied=tied, seed=3, rope_theta=rope_theta)
     xs = rollout(path, groups=2, n=2)
     g = group(path)
     try:
@@ -151,10 +163,23 @@ def test_first_step_ppo_kl_is_exactly_zero_and_weights_move(ray_local, tiny_ckpt
     assert moved > 0
 
 
+def test_qwen3_tensor_parallel_keeps_qk_norms_in_step(ray_local, tmp_path) -> None:
+    """QK norms act on each rank's heads only; their gradients are summed over TP ranks (as Megatron does)."""
+    path = make_checkpoint(tmp_path / "qwen3", "qwen3", tied=False, seed=5)
+    xs = rollout(path, groups=2, n=4)
+    _, ref_metrics, ref_weights = _train_once(path, xs)
+    _, metrics, weights = _train_once(path, xs, ranks=2, tp=2)
+    assert metrics["grad_norm"] == pytest.approx(ref_metrics["grad_norm"], rel=1e-4)
+    for name, tensor in ref_weights.items():
+        assert torch.allclose(weights[name], tensor, atol=1e-5), name
+
+
 def _train_once(ckpt, samples, **kw):
+    """One optimizer step. SGD keeps the update linear in the gradient: Adam's first step, about
+    lr * sign(g), would turn rounding noise on near-zero gradients into lr-sized differences."""
     import ray
 
-    g = group(ckpt, **kw)
+    g = group(ckpt, optimizer=OptimizerConfig(optimizer="sgd", lr=0.05), **kw)
     try:
         logprobs = g.compute_logprobs(samples)
         metrics = g.train(samples, 1)[0]

@@ -15,7 +15,6 @@ from engine.learner.loss import (
     policy_objective,
     ppo_clip_loss,
     tis_weights,
-    token_entropy,
     token_logprobs,
 )
 
@@ -29,13 +28,13 @@ def rand(*shape: int) -> torch.Tensor:
 def test_token_logprobs_and_entropy() -> None:
     logits, targets, t = rand(2, 5, 11), torch.randint(0, 11, (2, 5), generator=g), 0.7
     p = torch.softmax(logits / t, -1)
+    logp, entropy = token_logprobs(logits, targets, t, with_entropy=True)
+    assert token_logprobs(logits, targets, t)[1] is None
     for b in range(2):
         for s in range(5):
-            assert token_logprobs(logits, targets, t)[b, s].item() == pytest.approx(
-                math.log(p[b, s, targets[b, s]].item()), abs=1e-5
-            )
+            assert logp[b, s].item() == pytest.approx(math.log(p[b, s, targets[b, s]].item()), abs=1e-5)
             want = -sum(q * math.log(q) for q in p[b, s].tolist())
-            assert token_entropy(logits, t)[b, s].item() == pytest.approx(want, abs=1e-5)
+            assert entropy[b, s].item() == pytest.approx(want, abs=1e-5)
 
 
 def test_grpo_advantages_by_hand() -> None:

@@ -54,6 +54,7 @@ class BufferActor:
         self.invalid: Counter[str] = Counter()
         self.received = 0
         self.batches = 0
+        self._failure: BaseException | None = None
         self._thread = threading.Thread(target=self._receive, name="buffer-recv", daemon=True)
         self._thread.start()
 
@@ -61,6 +62,15 @@ class BufferActor:
         return self._source.address
 
     def _receive(self) -> None:
+        try:
+            self._receive_loop()
+        except BaseException as e:  # handed to every get_batch caller, never lost
+            with self._cond:
+                self._failure = e
+                self._cond.notify_all()
+            raise
+
+    def _receive_loop(self) -> None:
         while not self._stop.is_set():
             try:
                 sample = self._source.recv(timeout_ms=100)
@@ -84,6 +94,8 @@ class BufferActor:
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         with self._cond:
             while self._groups.ready_groups < num_groups:
+                if self._failure is not None:
+                    raise RuntimeError(f"buffer: the receiver failed: {self._failure!r}") from self._failure
                 remaining = None if deadline is None else deadline - time.monotonic()
                 if remaining is not None and remaining <= 0:
                     raise TimeoutError(

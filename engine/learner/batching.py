@@ -26,10 +26,6 @@ class MicroBatch:
     old_logp: torch.Tensor | None = None
     ref_logp: torch.Tensor | None = None
 
-    @property
-    def num_samples(self) -> int:
-        return self.tokens.shape[0]
-
     def causal_mask(self) -> torch.Tensor:
         """Megatron's attention mask: True where attention is not allowed, [1, 1, s, s]."""
         s = self.tokens.shape[1]

@@ -16,16 +16,17 @@ class ModelConfig(Section, kw_only=True):
 
     params_dtype: Literal["float32", "bfloat16"] = "float32"
     make_vocab_size_divisible_by: int = 128
-    attention_dropout: float = 0.0
-    hidden_dropout: float = 0.0
     # HF config fields replaced before learner and engines build the model (e.g. rope_theta).
     overrides: dict[str, Any] = msgspec.field(default_factory=dict)
 
     def check(self) -> None:
         self.positive("make_vocab_size_divisible_by")
-        for key in ("attention_dropout", "hidden_dropout"):
-            value = getattr(self, key)
-            self.require(0.0 <= value < 1.0, key, f"must be in [0, 1), got {value!r}")
+        self.require(
+            self.params_dtype == "float32",
+            "params_dtype",
+            "bfloat16 training needs fp32 master weights (Megatron's optimizer on GPU); "
+            "the CPU learner of this version trains in float32",
+        )
 
 
 class CkptConfig(Section, kw_only=True):
@@ -97,6 +98,14 @@ class AlgoConfig(Section, kw_only=True):
 
     def check(self) -> None:
         self.positive("eps_clip", "eps_clip_high", "tis_clip")
+        for key in ("eps_clip", "eps_clip_high"):
+            value = getattr(self, key)
+            self.require(value is None or value < 1.0, key, f"a clip range must be below 1, got {value}")
+        self.require(
+            not (self.use_tis and self.use_rollout_logprobs),
+            "use_tis",
+            "with use_rollout_logprobs the old log-probs are the engine's, so TIS weights would all be 1",
+        )
         self.non_negative("kl_loss_coef", "entropy_coef", "tis_clip_low")
         if self.eps_clip_c is not None:
             self.require(

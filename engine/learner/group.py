@@ -11,6 +11,7 @@ from typing import Any
 
 import ray
 
+from engine.cluster import actor_options
 from engine.learner.config import AlgoConfig, CkptConfig, ModelConfig, OptimizerConfig, PerfConfig
 from engine.learner.worker import LearnerWorker
 
@@ -39,7 +40,7 @@ class LearnerGroup:
         master = f"tcp://127.0.0.1:{free_port()}"
         actor = ray.remote(LearnerWorker)
         self.workers = [
-            actor.options(num_cpus=0).remote(
+            actor.options(**actor_options()).remote(
                 rank=rank,
                 world_size=ranks,
                 master=master,
@@ -55,7 +56,7 @@ class LearnerGroup:
             )
             for rank in range(ranks)
         ]
-        self.info = ray.get([w.ready.remote() for w in self.workers])
+        ray.get([w.ready.remote() for w in self.workers])
 
     def _all(self, method: str, *args: Any) -> list[Any]:
         return ray.get([getattr(w, method).remote(*args) for w in self.workers])

@@ -72,9 +72,9 @@ def shape_of(hf_config: Any, tp: int = 1, divisible_by: int = 128) -> Shape:
             section="perf",
             key="tensor_model_parallel_size",
         )
-    scaling = getattr(c, "rope_scaling", None)
-    if scaling and scaling.get("rope_type", scaling.get("type", "default")) != "default":
-        raise ConfigError(f"rope_scaling {scaling} is not supported", section="ckpt", key="hf_checkpoint")
+    scaling = rope_parameters(c)
+    if scaling.get("rope_type", scaling.get("type", "default")) != "default":
+        raise ConfigError(f"rope scaling {scaling} is not supported", section="ckpt", key="hf_checkpoint")
     for flag in ("mlp_bias", "attention_bias"):
         if getattr(c, flag, False) and not (flag == "attention_bias" and family.qkv_bias_default):
             raise ConfigError(f"{flag} = true is not supported", section="ckpt", key="hf_checkpoint")
@@ -94,9 +94,16 @@ def shape_of(hf_config: Any, tp: int = 1, divisible_by: int = 128) -> Shape:
     )
 
 
-def transformer_config(
-    hf_config: Any, s: Shape, *, tp: int, params_dtype: torch.dtype, dropout: tuple[float, float]
-):
+def rope_parameters(hf_config: Any) -> dict[str, Any]:
+    """RoPE settings: transformers 5 keeps them in `rope_parameters` (older configs: top-level fields)."""
+    params = dict(
+        getattr(hf_config, "rope_parameters", None) or getattr(hf_config, "rope_scaling", None) or {}
+    )
+    params.setdefault("rope_theta", getattr(hf_config, "rope_theta", 10000.0))
+    return params
+
+
+def transformer_config(hf_config: Any, s: Shape, *, tp: int, params_dtype: torch.dtype):
     """Megatron TransformerConfig for the local (non-Transformer-Engine) layer spec."""
     from megatron.core.transformer.transformer_config import TransformerConfig
 
@@ -115,8 +122,9 @@ def transformer_config(
         add_bias_linear=False,
         add_qkv_bias=s.qkv_bias,
         qk_layernorm=s.qk_norm,
-        attention_dropout=dropout[0],
-        hidden_dropout=dropout[1],
+        # No dropout: the learner's recomputed log-probs must be those of the training forward.
+        attention_dropout=0.0,
+        hidden_dropout=0.0,
         tensor_model_parallel_size=tp,
         params_dtype=params_dtype,
         bf16=params_dtype == torch.bfloat16,
@@ -143,7 +151,7 @@ def build_gpt_model(hf_config: Any, s: Shape, tconfig: Any) -> torch.nn.Module:
         vocab_size=s.padded_vocab,
         max_sequence_length=hf_config.max_position_embeddings,
         position_embedding_type="rope",
-        rotary_base=getattr(hf_config, "rope_theta", 10000.0),
+        rotary_base=float(rope_parameters(hf_config)["rope_theta"]),
         rotary_percent=1.0,
         share_embeddings_and_output_weights=s.tied,
         parallel_output=False,
@@ -178,6 +186,8 @@ class ParamMap:
     megatron: str
     hf: tuple[str, ...]
     kind: str  # "qkv" | "gate_up" | "col" | "row" | "rep" | "vocab"
+    # Replicated, but applied to this rank's heads only: its TP ranks' gradients must be summed.
+    tp_partial_grad: bool = False
 
 
 def param_maps(s: Shape) -> list[ParamMap]:
@@ -209,8 +219,8 @@ def param_maps(s: Shape) -> list[ParamMap]:
             )
         if s.qk_norm:
             maps += [
-                ParamMap(f"{m}self_attention.q_layernorm.weight", (f"{attn}q_norm.weight",), "rep"),
-                ParamMap(f"{m}self_attention.k_layernorm.weight", (f"{attn}k_norm.weight",), "rep"),
+                ParamMap(f"{m}self_attention.q_layernorm.weight", (f"{attn}q_norm.weight",), "rep", True),
+                ParamMap(f"{m}self_attention.k_layernorm.weight", (f"{attn}k_norm.weight",), "rep", True),
             ]
     maps.append(ParamMap("decoder.final_layernorm.weight", ("model.norm.weight",), "rep"))
     if not s.tied:
@@ -281,15 +291,16 @@ def load_hf_weights(
 ) -> None:
     """Copy an HF state dict into a Megatron model's shard; every parameter must be covered exactly."""
     params = dict(model.named_parameters())
-    expected = {p.megatron for p in param_maps(s)}
+    maps = param_maps(s)
+    expected = {p.megatron for p in maps}
     if set(params) != expected:
         raise RuntimeError(
             f"Megatron parameters differ from the conversion table: {sorted(set(params) ^ expected)[:6]}"
         )
-    missing = [n for p in param_maps(s) for n in p.hf if n not in hf_state]
+    missing = [n for p in maps for n in p.hf if n not in hf_state]
     if missing:
         raise RuntimeError(f"HF checkpoint lacks {missing[:6]}")
-    for p in param_maps(s):
+    for p in maps:
         shard = to_megatron(p, [hf_state[n] for n in p.hf], s, tp_rank, tp)
         target = params[p.megatron]
         if shard.shape != target.shape:

@@ -13,17 +13,17 @@ import torch
 from engine.learner.config import AlgoConfig
 
 
-def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, temperature: float) -> torch.Tensor:
-    """log_softmax(logits / T)[target] for every position. logits [..., V], targets [...]."""
-    scaled = logits.float() / (temperature if temperature > 0 else 1.0)
-    return torch.log_softmax(scaled, dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+def token_logprobs(
+    logits: torch.Tensor, targets: torch.Tensor, temperature: float, *, with_entropy: bool = False
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """log_softmax(logits / T)[target] at every position, and optionally the entropy of softmax(logits / T).
 
-
-def token_entropy(logits: torch.Tensor, temperature: float) -> torch.Tensor:
-    """Entropy of softmax(logits / T) at every position."""
-    scaled = logits.float() / (temperature if temperature > 0 else 1.0)
-    logp = torch.log_softmax(scaled, dim=-1)
-    return -(logp.exp() * logp).sum(-1)
+    logits [..., V], targets [...]; one log_softmax serves both.
+    """
+    logp_all = torch.log_softmax(logits.float() / (temperature if temperature > 0 else 1.0), dim=-1)
+    logp = logp_all.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    entropy = -(logp_all.exp() * logp_all).sum(-1) if with_entropy else None
+    return logp, entropy
 
 
 def grpo_advantages(

@@ -21,16 +21,24 @@ from megatron.core import parallel_state as mpu
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.tensor_parallel import param_is_not_tensor_parallel_duplicate
 
-from engine.hf_config import load_hf_config
+from engine.hf_config import load_hf_config, torch_dtype
 from engine.learner import hf_bridge
 from engine.learner.batching import MicroBatch, chunk, make_micro_batch, split_rollout
 from engine.learner.config import AlgoConfig, CkptConfig, ModelConfig, OptimizerConfig, PerfConfig
-from engine.learner.loss import grpo_advantages, policy_objective, token_entropy, token_logprobs
+from engine.learner.loss import grpo_advantages, policy_objective, token_logprobs
 from engine.learner.parallel import init_parallel
 from engine.learner.weights import load_hf_state, save_hf_checkpoint
 from engine.wire import Sample
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+def allreduce_sum(tensors: list[torch.Tensor], group: Any) -> None:
+    """In-place sum of tensors across a process group, as one flat collective."""
+    if not tensors:
+        return
+    flat = torch._utils._flatten_dense_tensors(tensors)
+    dist.all_reduce(flat, group=group)
+    for t, synced in zip(tensors, torch._utils._unflatten_dense_tensors(flat, tensors), strict=True):
+        t.copy_(synced)
 
 
 class LearnerWorker:
@@ -73,6 +81,8 @@ class LearnerWorker:
         if algo.needs_reference:
             self.ref_model = self._build(ckpt.ref_load or ckpt.hf_checkpoint)
             self.ref_model.requires_grad_(False)
+        params = dict(self.model.named_parameters())
+        self._tp_partial = [params[p.megatron] for p in hf_bridge.param_maps(self.shape) if p.tp_partial_grad]
         self.optimizer = self._make_optimizer()
         optimizer.check_schedule(total_steps)
         decay_steps = optimizer.decay_steps(total_steps)
@@ -93,11 +103,8 @@ class LearnerWorker:
     # --- set-up -------------------------------------------------------------------------------------
 
     def _build(self, weights_from: str) -> torch.nn.Module:
-        dropout = (self.model_cfg.attention_dropout, self.model_cfg.hidden_dropout)
-        dtype = DTYPES[self.model_cfg.params_dtype]
-        tconfig = hf_bridge.transformer_config(
-            self.hf_config, self.shape, tp=self.tp, params_dtype=dtype, dropout=dropout
-        )
+        dtype = torch_dtype(self.model_cfg.params_dtype)
+        tconfig = hf_bridge.transformer_config(self.hf_config, self.shape, tp=self.tp, params_dtype=dtype)
         model = hf_bridge.build_gpt_model(self.hf_config, self.shape, tconfig)
         hf_bridge.load_hf_weights(model, load_hf_state(weights_from), self.shape, self.tp_rank, self.tp)
         return model
@@ -132,14 +139,14 @@ class LearnerWorker:
     def _recompute_old(self, micro_batches: list[MicroBatch]) -> None:
         self.model.eval()
         for mb in micro_batches:
-            mb.old_logp = token_logprobs(self._logits(self.model, mb), mb.targets, self.temperature)
+            mb.old_logp, _ = token_logprobs(self._logits(self.model, mb), mb.targets, self.temperature)
 
     @torch.no_grad()
     def _recompute_ref(self, micro_batches: list[MicroBatch]) -> None:
         assert self.ref_model is not None
         self.ref_model.eval()
         for mb in micro_batches:
-            mb.ref_logp = token_logprobs(self._logits(self.ref_model, mb), mb.targets, self.temperature)
+            mb.ref_logp, _ = token_logprobs(self._logits(self.ref_model, mb), mb.targets, self.temperature)
 
     def compute_logprobs(self, samples: list[Sample]) -> list[np.ndarray]:
         """The learner's log-probs of each sample's response tokens at the current weights."""
@@ -194,12 +201,14 @@ class LearnerWorker:
         self.optimizer.zero_grad(set_to_none=True)
         shares: dict[str, float] = {}
         sums: dict[str, float] = {"entropy": 0.0}
-        want_entropy = self.algo.entropy_coef > 0
         for mb in mbs:
             assert mb.old_logp is not None
-            logits = self._logits(self.model, mb)
-            logp = token_logprobs(logits, mb.targets, self.temperature)
-            entropy = token_entropy(logits, self.temperature) if want_entropy else None
+            logp, entropy = token_logprobs(
+                self._logits(self.model, mb), mb.targets, self.temperature, with_entropy=True
+            )
+            assert entropy is not None
+            if not self.algo.entropy_coef:
+                entropy = entropy.detach()  # a metric only: no gradient through it
             loss, mb_shares, mb_sums = policy_objective(
                 self.algo,
                 logp=logp,
@@ -213,33 +222,34 @@ class LearnerWorker:
                 samples=samples,
             )
             loss.backward()
-            with torch.no_grad():
-                ent = entropy if entropy is not None else token_entropy(logits.detach(), self.temperature)
-                sums["entropy"] += float((ent.detach() * mb.mask).sum())
+            sums["entropy"] += float((entropy.detach() * mb.mask).sum())
             for k, v in mb_shares.items():
                 shares[k] = shares.get(k, 0.0) + float(v)
             for k, v in mb_sums.items():
                 sums[k] = sums.get(k, 0.0) + float(v)
+        self._reduce_tp_partial_grads()
         self._allreduce_grads()
         grad_norm = self._clip_grads(self.opt_cfg.clip_grad)
+        lr = self.optimizer.param_groups[0]["lr"]
         self.optimizer.step()
         self.scheduler.step(1)
         reduced = self._allreduce_stats({**shares, **{f"sum/{k}": v for k, v in sums.items()}})
         out = {k: v for k, v in reduced.items() if not k.startswith("sum/")}
         out.update({k[4:]: v / max(tokens, 1.0) for k, v in reduced.items() if k.startswith("sum/")})
         out["grad_norm"] = grad_norm
-        out["lr"] = self.optimizer.param_groups[0]["lr"]
+        out["lr"] = lr
         out["train_time"] = time.perf_counter() - t0
         return out
 
+    def _reduce_tp_partial_grads(self) -> None:
+        """Sum over TP ranks the gradients of replicated parameters each rank applies to its own heads
+        only (QK norms), as Megatron does, so every rank takes the same step."""
+        if self.tp > 1:
+            allreduce_sum([p.grad for p in self._tp_partial if p.grad is not None], self.tp_group)
+
     def _allreduce_grads(self) -> None:
-        if self.dp == 1:
-            return
-        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
-        flat = torch._utils._flatten_dense_tensors(grads)
-        dist.all_reduce(flat, group=self.dp_group)
-        for g, synced in zip(grads, torch._utils._unflatten_dense_tensors(flat, grads), strict=True):
-            g.copy_(synced)
+        if self.dp > 1:
+            allreduce_sum([p.grad for p in self.model.parameters() if p.grad is not None], self.dp_group)
 
     def _clip_grads(self, max_norm: float) -> float:
         """Global L2 norm over the full model (TP shards counted once) and clipping to max_norm."""

@@ -59,14 +59,22 @@ class EmbeddedEngineActor:
         self._wake: asyncio.Event | None = None
         self._lock: asyncio.Lock | None = None
         self._runner: asyncio.Task | None = None
-        self.generated_tokens = 0
-        self.batches = 0
 
     def _start(self) -> None:
         if self._runner is None:
             self._wake = asyncio.Event()
             self._lock = asyncio.Lock()
             self._runner = asyncio.get_running_loop().create_task(self._run())
+            self._runner.add_done_callback(self._runner_ended)
+
+    def _runner_ended(self, task: asyncio.Task) -> None:
+        """The batch loop never ends on its own: whatever stopped it fails every waiting request."""
+        error = task.exception() if not task.cancelled() else asyncio.CancelledError()
+        failure = RuntimeError(f"engine {self.index}: batch loop stopped: {error!r}")
+        for _, future in self._pending:
+            if not future.done():
+                future.set_exception(failure)
+        self._pending.clear()
 
     async def ready(self) -> int:
         self._start()
@@ -74,7 +82,9 @@ class EmbeddedEngineActor:
 
     async def generate(self, requests: list[GenerateRequest]) -> list[GenerateResult]:
         self._start()
-        assert self._wake is not None
+        assert self._wake is not None and self._runner is not None
+        if self._runner.done():
+            raise RuntimeError(f"engine {self.index}: batch loop is not running")
         future = asyncio.get_running_loop().create_future()
         self._pending.append((requests, future))
         self._wake.set()
@@ -89,13 +99,6 @@ class EmbeddedEngineActor:
                 self._executor, self.engine.load_weights, named, version
             )
         return self.engine.version
-
-    async def stats(self) -> dict[str, int]:
-        return {
-            "version": self.engine.version,
-            "generated_tokens": self.generated_tokens,
-            "batches": self.batches,
-        }
 
     def _take_batch(self) -> list[tuple[list[GenerateRequest], asyncio.Future]]:
         taken, size = [], 0
@@ -126,8 +129,6 @@ class EmbeddedEngineActor:
                         if not future.done():
                             future.set_exception(e)
                     continue
-                self.batches += 1
-                self.generated_tokens += sum(len(r.token_ids) for r in results)
                 start = 0
                 for reqs, future in calls:
                     if not future.done():

@@ -17,11 +17,9 @@ import transformers
 from transformers import AutoModelForCausalLM, DynamicCache
 
 from engine.errors import EngineError
-from engine.hf_config import load_hf_config
+from engine.hf_config import load_hf_config, torch_dtype
 from engine.rollout.sampling import position_uniforms, sample_next
 from engine.wire import GenerateRequest, GenerateResult
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 class WeightUpdateError(EngineError):
@@ -44,7 +42,7 @@ class HFEngine:
         transformers.utils.logging.disable_progress_bar()
         self.config = load_hf_config(model_path, overrides)
         self.model = AutoModelForCausalLM.from_pretrained(
-            model_path, config=self.config, dtype=DTYPES[dtype], attn_implementation=attn_implementation
+            model_path, config=self.config, dtype=torch_dtype(dtype), attn_implementation=attn_implementation
         ).to(device)
         self.model.eval()
         self.device = torch.device(device)

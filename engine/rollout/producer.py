@@ -15,8 +15,8 @@ import itertools
 import logging
 import threading
 import time
-from collections.abc import Coroutine
-from typing import Any
+from collections.abc import Awaitable, Coroutine, Iterable
+from typing import Any, NamedTuple, TypeVar
 
 import numpy as np
 import uvloop
@@ -33,7 +33,14 @@ from engine.wire import GenerateRequest, GenerateResult, Sample, SamplingParams
 log = logging.getLogger(__name__)
 
 STATUS = {"stop": "completed", "length": "truncated", "abort": "aborted"}
+T = TypeVar("T")
 TRAIN, EVAL = 1, 2  # seed domains
+
+
+class Response(NamedTuple):
+    result: GenerateResult
+    text: str
+    reward: float
 
 
 class Producer:
@@ -112,54 +119,52 @@ class Producer:
             for seed in seeds
         ]
 
+    async def _respond(self, prompt: Prompt, params: SamplingParams, seeds: list[int]) -> list[Response]:
+        """Generate one response per seed and score each one (rewards run concurrently)."""
+        results = await self._generate(self._requests(prompt, params, seeds))
+        texts = [self.tokenizer.decode(r.token_ids, skip_special_tokens=True) for r in results]
+        rewards = await gather_all(self.rewards.score(t, prompt.label, prompt.metadata) for t in texts)
+        return [Response(r, t, w) for r, t, w in zip(results, texts, rewards, strict=True)]
+
     async def run(self, total_groups: int) -> dict[str, int]:
         """Start groups as capacity allows until total_groups have been sent; raise on any failure."""
         try:
             async with asyncio.TaskGroup() as tasks:
                 while self.started_groups < total_groups:
                     await self._wait_for_capacity()
-                    await self._group_slots.acquire()
-                    group_id = self.started_groups
                     self.started_groups += 1
-                    _, index = self.order.next()
-                    tasks.create_task(self._run_group(group_id, self.prompts[index]))
+                    position, index = self.order.next()
+                    tasks.create_task(self._run_group(position, self.prompts[index]))
         except ExceptionGroup as eg:
             raise eg.exceptions[0] from eg
         return {"groups": self.started_groups, "samples": self.sent_samples}
 
     async def _run_group(self, group_id: int, prompt: Prompt) -> None:
-        try:
-            n = self.cfg.n_samples_per_prompt
+        """One group (group_id = the prompt's position in the prompt stream): generate, score, send."""
+        n = self.cfg.n_samples_per_prompt
+        async with self._group_slots:
             seeds = [derive_seed(self.cfg.seed, TRAIN, group_id, i) for i in range(n)]
-            results = await self._generate(self._requests(prompt, self.train_params, seeds))
-            samples = await asyncio.gather(
-                *(self._score(group_id, i, n, prompt, r) for i, r in enumerate(results))
-            )
-            for sample in samples:
-                await self.sink.send(sample)
-                self.sent_samples += 1
-        finally:
-            self._group_slots.release()
+            responses = await self._respond(prompt, self.train_params, seeds)
+        for i, resp in enumerate(responses):
+            await self.sink.send(self._sample(group_id, i, n, prompt, resp))
+            self.sent_samples += 1
 
-    async def _score(
-        self, group_id: int, index: int, n: int, prompt: Prompt, result: GenerateResult
-    ) -> Sample:
-        text = self.tokenizer.decode(result.token_ids, skip_special_tokens=True)
-        reward = await self.rewards.score(text, prompt.label, prompt.metadata)
+    def _sample(self, group_id: int, index: int, n: int, prompt: Prompt, resp: Response) -> Sample:
+        r = resp.result
         return Sample.build(
             prompt_ids=prompt.token_ids,
-            response_ids=result.token_ids,
-            rollout_logprobs=result.logprobs,
-            versions=result.versions,
+            response_ids=r.token_ids,
+            rollout_logprobs=r.logprobs,
+            versions=r.versions,
             group_id=group_id,
             index=index,
             group_size=n,
             prompt_index=prompt.index,
-            reward=reward,
-            status=STATUS[result.finish_reason],
+            reward=resp.reward,
+            status=STATUS[r.finish_reason],
             label=prompt.label,
             metadata=prompt.metadata,
-            response_text=text,
+            response_text=resp.text,
         )
 
     # --- evaluation ---------------------------------------------------------------------------------
@@ -170,30 +175,35 @@ class Producer:
         n = self.eval_cfg.n_samples_per_eval_prompt
         slots = asyncio.Semaphore(max(1, self.cfg.max_concurrency // n))
 
-        async def one(prompt: Prompt) -> list[tuple[float, int, str]]:
+        async def one(prompt: Prompt) -> list[Response]:
             # The same seeds at every evaluation: differences between evaluations come from the policy.
             seeds = [derive_seed(self.cfg.seed, EVAL, prompt.index, i) for i in range(n)]
             async with slots:
-                results = await self._generate(self._requests(prompt, self.eval_params, seeds))
-                texts = [self.tokenizer.decode(r.token_ids, skip_special_tokens=True) for r in results]
-                rewards = await asyncio.gather(
-                    *(self.rewards.score(t, prompt.label, prompt.metadata) for t in texts)
-                )
-                return [
-                    (rw, len(r.token_ids), r.finish_reason) for rw, r in zip(rewards, results, strict=True)
-                ]
+                return await self._respond(prompt, self.eval_params, seeds)
 
         start = time.perf_counter()
-        rows = [row for rows in await asyncio.gather(*(one(p) for p in prompts)) for row in rows]
-        rewards = np.array([r for r, _, _ in rows])
+        responses = [r for group in await gather_all(one(p) for p in prompts) for r in group]
+        rewards = np.array([r.reward for r in responses])
         return {
             f"eval/{name}/reward": float(rewards.mean()),
             f"eval/{name}/accuracy": float((rewards > 0).mean()),
-            f"eval/{name}/response_len": float(np.mean([n for _, n, _ in rows])),
-            f"eval/{name}/truncated_frac": float(np.mean([f == "length" for _, _, f in rows])),
-            f"eval/{name}/samples": float(len(rows)),
+            f"eval/{name}/response_len": float(np.mean([len(r.result.token_ids) for r in responses])),
+            f"eval/{name}/truncated_frac": float(
+                np.mean([r.result.finish_reason == "length" for r in responses])
+            ),
+            f"eval/{name}/samples": float(len(responses)),
             f"eval/{name}/time": time.perf_counter() - start,
         }
+
+
+async def gather_all(coros: Iterable[Awaitable[T]]) -> list[T]:
+    """Results in order; on the first failure the others are cancelled and that failure is raised."""
+    try:
+        async with asyncio.TaskGroup() as group:
+            tasks = [group.create_task(c) for c in coros]
+    except ExceptionGroup as eg:
+        raise eg.exceptions[0] from eg
+    return [t.result() for t in tasks]
 
 
 class ProducerActor:

@@ -51,8 +51,8 @@ def load_object(path: str) -> Any:
         raise ConfigError(f"import path {path!r} must look like 'package.module:function'")
     try:
         obj = importlib.import_module(module)
-    except ImportError as e:
-        raise ConfigError(f"import path {path!r}: cannot import {module!r}: {e}") from None
+    except Exception as e:  # a user module may fail on import in any way; report it as bad config
+        raise ConfigError(f"import path {path!r}: cannot import {module!r}: {e!r}") from None
     for part in name.split("."):
         if not hasattr(obj, part):
             raise ConfigError(f"import path {path!r}: {module!r} has no attribute {name!r}")

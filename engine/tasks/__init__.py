@@ -43,7 +43,11 @@ def ensure_task(name: str) -> Path:
             tmp = root / f".{name}-{version}.building"
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir()
-            build(tmp)
+            try:
+                build(tmp)
+            except BaseException:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise
             (tmp / "DONE").write_text(version)
             shutil.rmtree(target, ignore_errors=True)
             tmp.rename(target)
