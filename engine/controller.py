@@ -26,6 +26,7 @@ import ray
 from engine.buffer.buffer import BufferActor
 from engine.cluster import actor_options
 from engine.config import Config
+from engine.learner.config import LearnerSpec
 from engine.learner.group import LearnerGroup
 from engine.metrics import MetricsLogger, mean_of
 from engine.rollout.data import Prompt
@@ -76,8 +77,7 @@ class Trainer:
             )
         )
         self._actors.append(self.producer)
-        self.learner = LearnerGroup(
-            ranks=c.cluster.learner_ranks,
+        spec = LearnerSpec(
             model=c.model,
             ckpt=c.ckpt,
             perf=c.perf,
@@ -88,6 +88,7 @@ class Trainer:
             seed=c.seed,
             threads=threads,
         )
+        self.learner = LearnerGroup(c.cluster.learner_ranks, spec)
         self._actors += self.learner.workers
         ray.get([e.ready.remote() for e in self.engines])
         ray.get(self.producer.num_prompts.remote())

@@ -26,8 +26,8 @@ SMALL = [
 ]
 
 
-def launch(tmp_path: Path, *overrides: str, timeout: float = 600) -> subprocess.CompletedProcess:
-    cmd = [
+def command(tmp_path: Path, *overrides: str) -> list[str]:
+    return [
         sys.executable,
         "-m",
         "engine.launch",
@@ -36,7 +36,12 @@ def launch(tmp_path: Path, *overrides: str, timeout: float = 600) -> subprocess.
         "run_name=run",
         *overrides,
     ]
-    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+
+
+def launch(tmp_path: Path, *overrides: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        command(tmp_path, *overrides), cwd=ROOT, capture_output=True, text=True, timeout=timeout
+    )
 
 
 def records(tmp_path: Path) -> list[dict]:
@@ -122,16 +127,7 @@ def test_failing_reward_ends_the_run_with_its_error(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_ctrl_c_stops_cleanly(tmp_path: Path) -> None:
-    cmd = [
-        sys.executable,
-        "-m",
-        "engine.launch",
-        str(QUICKSTART),
-        f"output_dir={tmp_path}",
-        "run_name=run",
-        *SMALL,
-        "rollout.num_rollout=100000",
-    ]
+    cmd = command(tmp_path, *SMALL, "rollout.num_rollout=100000")
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     metrics = tmp_path / "run" / "metrics.jsonl"
     deadline = time.monotonic() + 300

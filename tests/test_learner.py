@@ -13,7 +13,14 @@ from transformers import AutoModelForCausalLM
 from engine.errors import ConfigError
 from engine.hf_config import load_hf_config
 from engine.learner import hf_bridge
-from engine.learner.config import AlgoConfig, CkptConfig, ModelConfig, OptimizerConfig, PerfConfig
+from engine.learner.config import (
+    AlgoConfig,
+    CkptConfig,
+    LearnerSpec,
+    ModelConfig,
+    OptimizerConfig,
+    PerfConfig,
+)
 from engine.learner.group import LearnerGroup
 from engine.learner.weights import load_hf_state
 from engine.rollout.hf_engine import HFEngine
@@ -22,8 +29,7 @@ from tests.helpers import FAMILIES, make_checkpoint, prompt_ids
 
 
 def group(ckpt, *, ranks=1, tp=1, micro=4, algo=None, optimizer=None) -> LearnerGroup:
-    return LearnerGroup(
-        ranks=ranks,
+    spec = LearnerSpec(
         model=ModelConfig(),
         ckpt=CkptConfig(hf_checkpoint=str(ckpt)),
         perf=PerfConfig(tensor_model_parallel_size=tp, micro_batch_size=micro),
@@ -34,6 +40,7 @@ def group(ckpt, *, ranks=1, tp=1, micro=4, algo=None, optimizer=None) -> Learner
         seed=0,
         threads=1,
     )
+    return LearnerGroup(ranks, spec)
 
 
 def rollout(ckpt, groups=4, n=4) -> list[Sample]:

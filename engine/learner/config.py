@@ -167,3 +167,17 @@ class OptimizerConfig(Section, kw_only=True):
             f"{decay} steps (optimizer.lr_decay_iters, by default "
             "rollout.num_rollout x rollout.num_steps_per_rollout)",
         )
+
+
+class LearnerSpec(msgspec.Struct, frozen=True, kw_only=True):
+    """Everything a learner rank needs: its config sections and the run facts it cannot derive."""
+
+    model: ModelConfig
+    ckpt: CkptConfig
+    perf: PerfConfig
+    algo: AlgoConfig
+    optimizer: OptimizerConfig
+    temperature: float  # rollout sampling temperature: the learner's log-probs use the same
+    total_steps: int  # optimizer steps of the run (the learning-rate schedule's length)
+    seed: int
+    threads: int

@@ -12,7 +12,7 @@ from typing import Any
 import ray
 
 from engine.cluster import actor_options
-from engine.learner.config import AlgoConfig, CkptConfig, ModelConfig, OptimizerConfig, PerfConfig
+from engine.learner.config import LearnerSpec
 from engine.learner.worker import LearnerWorker
 
 
@@ -23,37 +23,11 @@ def free_port() -> int:
 
 
 class LearnerGroup:
-    def __init__(
-        self,
-        *,
-        ranks: int,
-        model: ModelConfig,
-        ckpt: CkptConfig,
-        perf: PerfConfig,
-        algo: AlgoConfig,
-        optimizer: OptimizerConfig,
-        temperature: float,
-        total_steps: int,
-        seed: int,
-        threads: int,
-    ) -> None:
+    def __init__(self, ranks: int, spec: LearnerSpec) -> None:
         master = f"tcp://127.0.0.1:{free_port()}"
         actor = ray.remote(LearnerWorker)
         self.workers = [
-            actor.options(**actor_options()).remote(
-                rank=rank,
-                world_size=ranks,
-                master=master,
-                model=model,
-                ckpt=ckpt,
-                perf=perf,
-                algo=algo,
-                optimizer=optimizer,
-                temperature=temperature,
-                total_steps=total_steps,
-                seed=seed,
-                threads=threads,
-            )
+            actor.options(**actor_options()).remote(rank=rank, world_size=ranks, master=master, spec=spec)
             for rank in range(ranks)
         ]
         ray.get([w.ready.remote() for w in self.workers])

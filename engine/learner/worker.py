@@ -24,7 +24,7 @@ from megatron.core.tensor_parallel import param_is_not_tensor_parallel_duplicate
 from engine.hf_config import load_hf_config, torch_dtype
 from engine.learner import hf_bridge
 from engine.learner.batching import MicroBatch, chunk, make_micro_batch, split_rollout
-from engine.learner.config import AlgoConfig, CkptConfig, ModelConfig, OptimizerConfig, PerfConfig
+from engine.learner.config import LearnerSpec
 from engine.learner.loss import grpo_advantages, policy_objective, token_logprobs
 from engine.learner.parallel import init_parallel
 from engine.learner.weights import load_hf_state, save_hf_checkpoint
@@ -44,29 +44,15 @@ def allreduce_sum(tensors: list[torch.Tensor], group: Any) -> None:
 class LearnerWorker:
     """A Ray actor per rank (created with `ray.remote(LearnerWorker).options(...)`)."""
 
-    def __init__(
-        self,
-        *,
-        rank: int,
-        world_size: int,
-        master: str,
-        model: ModelConfig,
-        ckpt: CkptConfig,
-        perf: PerfConfig,
-        algo: AlgoConfig,
-        optimizer: OptimizerConfig,
-        temperature: float,
-        total_steps: int,
-        seed: int,
-        threads: int,
-    ) -> None:
-        torch.set_num_threads(threads)
-        torch.manual_seed(seed)
+    def __init__(self, *, rank: int, world_size: int, master: str, spec: LearnerSpec) -> None:
+        torch.set_num_threads(spec.threads)
+        torch.manual_seed(spec.seed)
         self.rank, self.world_size = rank, world_size
-        self.model_cfg, self.ckpt, self.perf, self.algo, self.opt_cfg = model, ckpt, perf, algo, optimizer
-        self.temperature = temperature
-        tp = perf.tensor_model_parallel_size
-        init_parallel(rank, world_size, tp, master, seed)
+        self.model_cfg, self.ckpt, self.perf, self.algo = spec.model, spec.ckpt, spec.perf, spec.algo
+        self.opt_cfg, self.temperature = spec.optimizer, spec.temperature
+        model, ckpt, optimizer, total_steps = spec.model, spec.ckpt, spec.optimizer, spec.total_steps
+        tp = self.perf.tensor_model_parallel_size
+        init_parallel(rank, world_size, tp, master, spec.seed)
         self.tp_group = mpu.get_tensor_model_parallel_group()
         self.dp_group = mpu.get_data_parallel_group()
         self.tp_rank, self.tp = mpu.get_tensor_model_parallel_rank(), tp
@@ -78,7 +64,7 @@ class LearnerWorker:
         )
         self.model = self._build(ckpt.load or ckpt.hf_checkpoint)
         self.ref_model = None
-        if algo.needs_reference:
+        if self.algo.needs_reference:
             self.ref_model = self._build(ckpt.ref_load or ckpt.hf_checkpoint)
             self.ref_model.requires_grad_(False)
         params = dict(self.model.named_parameters())
