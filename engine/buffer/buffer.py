@@ -7,7 +7,9 @@ in arrival order, with the batch's rollout statistics.
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import struct
 import threading
 import time
 from collections import Counter
@@ -23,7 +25,19 @@ from engine.wire import Sample
 log = logging.getLogger(__name__)
 
 
-def rollout_stats(samples: list[Sample]) -> dict[str, float]:
+def batch_digest(samples: list[Sample]) -> str:
+    """A fingerprint of what a batch trains on: groups, tokens and rewards, in order (not log-probs,
+    whose last bits depend on the machine). Two runs that produce the same batches print the same."""
+    h = hashlib.sha256()
+    for x in samples:
+        h.update(struct.pack("<qqd", x.group_id, x.index, x.reward))
+        h.update(x.prompt_ids)
+        h.update(x.response_ids)
+        h.update(x.loss_mask)
+    return h.hexdigest()[:16]
+
+
+def rollout_stats(samples: list[Sample]) -> dict[str, Any]:
     """Reward, accuracy (share of positive rewards), length and status statistics of a batch."""
     rewards = np.array([x.reward for x in samples], dtype=np.float64)
     lengths = np.array([x.response_len for x in samples], dtype=np.float64)
@@ -40,6 +54,7 @@ def rollout_stats(samples: list[Sample]) -> dict[str, float]:
         "rollout/truncated_frac": statuses["truncated"] / n,
         "rollout/aborted_frac": statuses["aborted"] / n,
         "rollout/samples": float(len(samples)),
+        "rollout/batch_digest": batch_digest(samples),
     }
 
 
@@ -89,8 +104,8 @@ class BufferActor:
 
     def get_batch(
         self, num_groups: int, timeout_s: float | None = None
-    ) -> tuple[list[Sample], dict[str, float]]:
-        """The next num_groups whole groups (flattened, group by group) and their statistics."""
+    ) -> tuple[list[Sample], dict[str, Any]]:
+        """The next num_groups whole groups to arrive (flattened, by group id) and their statistics."""
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         with self._cond:
             while self._groups.ready_groups < num_groups:
@@ -104,7 +119,8 @@ class BufferActor:
                 self._cond.wait(timeout=remaining)
             groups = self._groups.pop(num_groups)
             self.batches += 1
-        samples = [x for g in groups for x in g]
+        # Which groups form a batch follows arrival; their order inside it does not depend on timing.
+        samples = [x for g in sorted(groups, key=lambda g: g[0].group_id) for x in g]
         return samples, rollout_stats(samples)
 
     def stats(self) -> dict[str, Any]:
