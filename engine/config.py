@@ -47,6 +47,14 @@ class Config(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
             getattr(self, name).check()
         self._check_batch_sizes()
         self._check_parallel_sizes()
+        if self.inference.colocate and self.rollout.max_staleness > 0:
+            raise ConfigError(
+                "inference.colocate = true needs rollout.max_staleness = 0 "
+                f"(got {self.rollout.max_staleness}): colocated learner and engines take turns on the "
+                "same devices, so nothing generates ahead",
+                section="rollout",
+                key="max_staleness",
+            )
 
     def _check_batch_sizes(self) -> None:
         r = self.rollout

@@ -31,7 +31,7 @@ from engine.learner.group import LearnerGroup
 from engine.metrics import MetricsLogger, mean_of
 from engine.rollout.data import Prompt
 from engine.rollout.engines import EmbeddedEngineActor
-from engine.rollout.producer import ProducerActor
+from engine.rollout.producer_actor import ProducerActor
 
 
 class Trainer:
@@ -45,14 +45,17 @@ class Trainer:
     ) -> None:
         self.cfg, self.num_rollout, self.logger = config, num_rollout, logger
         self.prompts, self.eval_sets = prompts, eval_sets
-        self.groups_per_step = config.rollout.batch_size
         self.version = 0
         self._actors: list[Any] = []
 
     def build(self) -> None:
         c = self.cfg
         threads = c.cluster.threads()
-        self.buffer = ray.remote(BufferActor).options(**actor_options(max_concurrency=4)).remote()
+        self.buffer = (
+            ray.remote(BufferActor)
+            .options(**actor_options(max_concurrency=8))
+            .remote(c.rollout.batch_size, c.rollout.buffer_filter_path)
+        )
         self._actors.append(self.buffer)
         address = ray.get(self.buffer.address.remote())
         engine_actor = ray.remote(EmbeddedEngineActor)
@@ -73,7 +76,9 @@ class Trainer:
                 ray.put(self.prompts),
                 ray.put(self.eval_sets),
                 self.engines,
+                self.buffer,
                 address,
+                self.num_rollout,
             )
         )
         self._actors.append(self.producer)
@@ -97,25 +102,22 @@ class Trainer:
     def _wait_batch(self, ref: Any, producer_run: Any, step: int) -> Any:
         """ray.get(ref) for step's batch, failing instead of waiting forever when it cannot come.
 
-        If the producer fails first, its error is raised. Once it has finished, every sample is sent; if
-        the buffer has then received them all and still cannot complete the step's groups (a sample was
-        rejected), the step can never be served, and that is an error naming the counts.
+        If the producer fails first, its error is raised. Once it has finished, every batch has been
+        assigned and every sample sent; if the buffer has then received them all and the batch is still
+        not there (a sample was rejected), it can never come, and that is an error naming the counts.
         """
         ready, _ = ray.wait([ref, producer_run], num_returns=1)
         if ref in ready:
             return ray.get(ref)
-        sent = ray.get(producer_run)["samples"]  # raises the producer's error
+        counts = ray.get(producer_run)  # raises the producer's error
+        sent = counts.get("samples_sent", 0) + counts.get("partial_samples_sent", 0)
         while not ray.wait([ref], timeout=1.0)[0]:
             stats = ray.get(self.buffer.stats.remote())
-            if (
-                stats["batches"] < step
-                and stats["received"] >= sent
-                and stats["ready_groups"] < self.groups_per_step
-            ):
+            if stats["batches"] < step and stats["received"] >= sent:
                 raise RuntimeError(
-                    f"step {step}: the producer sent all {sent} samples, the buffer holds "
-                    f"{stats['ready_groups']} of the {self.groups_per_step} groups this step needs and "
-                    f"{stats['partial_groups']} incomplete ones (rejected: {stats['rejected']})"
+                    f"step {step}: the producer sent all {sent} samples and the buffer received them, "
+                    f"but batch {step - 1} is incomplete (rejected: {stats['rejected']}, "
+                    f"incomplete groups: {stats['partial_groups']})"
                 )
         return ray.get(ref)
 
@@ -133,12 +135,12 @@ class Trainer:
 
     def run(self) -> None:
         c = self.cfg
-        producer_run = self.producer.run.remote(self.num_rollout * self.groups_per_step)
+        producer_run = self.producer.run.remote()
         if self.eval_due(0):
             self.logger.log(0, self.evaluate())
         for step in range(1, self.num_rollout + 1):
             t0 = time.perf_counter()
-            samples_ref, stats_ref = self.buffer.get_batch.options(num_returns=2).remote(self.groups_per_step)
+            samples_ref, stats_ref = self.buffer.get_batch.options(num_returns=2).remote(step - 1)
             metrics = dict(self._wait_batch(stats_ref, producer_run, step))
             t1 = time.perf_counter()
             train_steps = self.learner.train(samples_ref, c.rollout.num_steps_per_rollout)
@@ -146,6 +148,9 @@ class Trainer:
             self.push_weights(step)
             t3 = time.perf_counter()
             metrics.update({f"train/{k}": v for k, v in mean_of(train_steps).items()})
+            metrics.update(ray.get(self.producer.stats.remote()))
+            engine_stats = ray.get([e.stats.remote() for e in self.engines])
+            metrics["engine/busy_s"] = sum(s["busy_s"] for s in engine_stats)
             metrics.update(
                 {
                     "time/rollout_wait": t1 - t0,
@@ -167,7 +172,8 @@ class Trainer:
     def push_weights(self, version: int) -> None:
         """Learner rank 0 -> every engine (through the object store), then tell the producer."""
         weights = self.learner.export_weights()
-        ray.get([e.update_weights.remote(weights, version) for e in self.engines])
+        mode = self.cfg.rollout.on_weight_update
+        ray.get([e.update_weights.remote(weights, version, mode) for e in self.engines])
         self.version = version
         ray.get(self.producer.set_version.remote(version))
 

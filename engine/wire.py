@@ -55,6 +55,10 @@ class Sample(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, tag="samp
     label: str | None = None
     metadata: dict[str, Any] = msgspec.field(default_factory=dict)
     response_text: str = ""
+    # The batch this sample's group was assigned to; -1: the partial-rollout cache.
+    batch: int = -1
+    # The sampling seed of this response (a cached partial response resumes with it).
+    seed: int = 0
 
     @classmethod
     def build(
@@ -163,12 +167,15 @@ class SamplingParams(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
 
 class GenerateRequest(msgspec.Struct, frozen=True, kw_only=True):
     """One generation: prompt token ids plus sampling. `rid` is unique per request within a producer;
-    `seed` fixes the request's random draws (None: the engine picks one)."""
+    `seed` fixes the request's random draws (None: the engine picks one). A request resumed after an
+    abort sends prompt + the tokens so far, the remaining budget, and sample_offset = tokens so far."""
 
     rid: int
     prompt_ids: tuple[int, ...]
     params: SamplingParams
     seed: int | None = None
+    # Position of the first token drawn in the seed's stream: a resumed request continues its stream.
+    sample_offset: int = 0
 
 
 class GenerateResult(msgspec.Struct, kw_only=True):

@@ -75,13 +75,31 @@ def test_dual_clip_caps_negative_advantages() -> None:
         assert loss[i].item() == pytest.approx(want, rel=1e-5, abs=1e-6)
 
 
-def test_tis_weights_truncate() -> None:
-    old, rollout = rand(100), rand(100)
-    w, clipped = tis_weights(old, rollout, 0.1, 2.0)
+def test_tis_token_modes() -> None:
+    old, rollout, mask = rand(4, 25), rand(4, 25), torch.ones(4, 25)
     raw = torch.exp(old - rollout)
-    assert torch.allclose(w, raw.clamp(0.1, 2.0))
-    assert clipped.tolist() == ((raw < 0.1) | (raw > 2.0)).float().tolist()
+    outside = ((raw < 0.5) | (raw > 2.0)).float()
+    w, out = tis_weights(old, rollout, mask, "token_truncate", 0.5, 2.0)
+    assert torch.allclose(w, raw.clamp(0.5, 2.0)) and torch.equal(out, outside)
+    w, out = tis_weights(old, rollout, mask, "token_mask", 0.5, 2.0)
+    assert torch.allclose(w, torch.where(outside.bool(), torch.zeros_like(raw), raw)) and torch.equal(
+        out, outside
+    )
     assert not w.requires_grad
+
+
+def test_tis_sequence_modes_use_the_geometric_mean() -> None:
+    old, rollout = rand(3, 6) * 0.3, rand(3, 6) * 0.3
+    mask = torch.tensor([[1.0] * 6, [1.0] * 3 + [0.0] * 3, [1.0] * 6])
+    for mode in ("seq_truncate", "seq_mask"):
+        w, out = tis_weights(old, rollout, mask, mode, 0.9, 1.1)
+        for i in range(3):
+            n = int(mask[i].sum())
+            geo = math.exp(sum((old[i, t] - rollout[i, t]).item() for t in range(n)) / n)
+            inside = 0.9 <= geo <= 1.1
+            want = min(max(geo, 0.9), 1.1) if mode == "seq_truncate" else (geo if inside else 0.0)
+            assert torch.allclose(w[i], torch.full((6,), want), atol=1e-5), (mode, i)
+            assert out[i].tolist() == [0.0 if inside else 1.0] * 6
 
 
 @pytest.mark.parametrize("kind", ["k1", "k2", "k3", "low_var_kl"])

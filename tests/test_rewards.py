@@ -25,6 +25,13 @@ def test_math_reward(response: str, label: str, want: float) -> None:
     assert math_reward(response, label, {}) == want
 
 
+@pytest.mark.parametrize("response", ["85", "085", " 85 ", "85.0", "84", "-85", "8.5", "850", "0"])
+def test_plain_number_fast_path_agrees_with_math_verify(response: str) -> None:
+    from math_verify import parse, verify
+
+    assert math_reward(response, "85", {}) == float(verify(parse("85"), parse(response)))
+
+
 def test_resolution_errors_name_the_key() -> None:
     with pytest.raises(ConfigError, match=r"\[rollout\] rm_type: unknown reward 'nope' \(built-in: math\)"):
         resolve_reward("nope", None)
@@ -36,19 +43,17 @@ def test_resolution_errors_name_the_key() -> None:
 
 
 def test_pool_scores_in_worker_processes() -> None:
-    async def go(pool: RewardPool) -> list[float]:
-        return await asyncio.gather(
-            pool.score("12", "12", {}), pool.score("13", "12", {}), pool.score("x", "1", {})
-        )
+    async def go(pool: RewardPool) -> list[list[float]]:
+        return await asyncio.gather(pool.score(["12", "13", "x"], "12", {}), pool.score(["1"], "1", {}))
 
-    pool = RewardPool("math", None, workers=1)
+    pool = RewardPool("math", None, workers=2)
     try:
-        assert asyncio.run(go(pool)) == [1.0, 0.0, 0.0]
+        assert asyncio.run(go(pool)) == [[1.0, 0.0, 0.0], [1.0]]
     finally:
         pool.close()
     custom = RewardPool("math", "tests.rewards_custom:length_reward", workers=1)
     try:
-        assert asyncio.run(custom.score("abcd", None, {"bonus": 0.5})) == 4.5
+        assert asyncio.run(custom.score(["abcd", ""], None, {"bonus": 0.5})) == [4.5, 0.5]
     finally:
         custom.close()
 
@@ -61,6 +66,6 @@ def test_bad_scores_are_errors(path: str, message: str) -> None:
     pool = RewardPool("math", path, workers=1)
     try:
         with pytest.raises(RewardError, match=message):
-            asyncio.run(pool.score("resp", None, {}))
+            asyncio.run(pool.score(["resp"], None, {}))
     finally:
         pool.close()

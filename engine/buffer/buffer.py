@@ -1,8 +1,9 @@
 """The buffer actor: a ZeroMQ PULL socket feeding the group assembler, and global batches on request.
 
 A receiver thread decodes every frame; invalid frames are counted by reason and logged, never passed
-on, and never stop the receiver. `get_batch` blocks until enough whole groups are in and returns them,
-in arrival order, with the batch's rollout statistics.
+on, and never stop the receiver. Each group goes to the batch the producer assigned it (or to the
+partial-rollout cache); `get_batch(b)` blocks until batch b is full and returns it with its rollout and
+staleness statistics.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from engine.buffer.groups import GroupAssembler
+from engine.buffer.groups import BatchBuffer
 from engine.errors import WireError
 from engine.transport import ZmqSampleSource
 from engine.wire import Sample
@@ -58,12 +59,32 @@ def rollout_stats(samples: list[Sample]) -> dict[str, Any]:
     }
 
 
-class BufferActor:
-    """Ray actor (threaded: create with max_concurrency >= 2 so stats answer while get_batch waits)."""
+def staleness_stats(samples: list[Sample], version: int) -> dict[str, Any]:
+    """Per sample: version - the oldest version among its trained (loss-mask 1) tokens; a histogram."""
+    values = []
+    for x in samples:
+        trained = x.version_array[x.mask_array.astype(bool)]
+        if len(trained):
+            values.append(version - int(trained.min()))
+    if not values:
+        return {"staleness/mean": 0.0, "staleness/max": 0}
+    hist = Counter(values)
+    out: dict[str, Any] = {"staleness/mean": float(np.mean(values)), "staleness/max": max(values)}
+    out.update({f"staleness/hist_{s}": hist[s] for s in sorted(hist)})
+    return out
 
-    def __init__(self, host: str = "127.0.0.1") -> None:
+
+class BufferActor:
+    """Ray actor (threaded: create with max_concurrency >= 3 so calls answer while get_batch waits)."""
+
+    def __init__(
+        self, batch_size: int, buffer_filter_path: str | None = None, host: str = "127.0.0.1"
+    ) -> None:
+        from engine.rollout.rewards import load_object
+
+        self._select = load_object(buffer_filter_path) if buffer_filter_path else None
         self._source = ZmqSampleSource(host)
-        self._groups = GroupAssembler()
+        self._buffer = BatchBuffer(batch_size)
         self._cond = threading.Condition()
         self._stop = threading.Event()
         self.invalid: Counter[str] = Counter()
@@ -79,7 +100,7 @@ class BufferActor:
     def _receive(self) -> None:
         try:
             self._receive_loop()
-        except BaseException as e:  # handed to every get_batch caller, never lost
+        except BaseException as e:  # handed to every waiting caller, never lost
             with self._cond:
                 self._failure = e
                 self._cond.notify_all()
@@ -97,40 +118,44 @@ class BufferActor:
                 continue
             with self._cond:
                 self.received += 1
-                reason = self._groups.add(sample)
+                reason = self._buffer.add(sample)
                 if reason is not None:
                     log.warning("buffer: rejected sample %d/%d: %s", sample.group_id, sample.index, reason)
                 self._cond.notify_all()
 
-    def get_batch(
-        self, num_groups: int, timeout_s: float | None = None
-    ) -> tuple[list[Sample], dict[str, Any]]:
-        """The next num_groups whole groups to arrive (flattened, by group id) and their statistics."""
+    def _wait(self, ready: Any, timeout_s: float | None, what: str) -> None:
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        while not ready():
+            if self._failure is not None:
+                raise RuntimeError(f"buffer: the receiver failed: {self._failure!r}") from self._failure
+            remaining = None if deadline is None else deadline - time.monotonic()
+            if remaining is not None and remaining <= 0:
+                raise TimeoutError(f"buffer: {what} not ready after {timeout_s}s")
+            self._cond.wait(timeout=remaining)
+
+    def get_batch(self, batch: int, timeout_s: float | None = None) -> tuple[list[Sample], dict[str, Any]]:
+        """Batch `batch` (trained at policy version `batch`) once full, with its statistics."""
         with self._cond:
-            while self._groups.ready_groups < num_groups:
-                if self._failure is not None:
-                    raise RuntimeError(f"buffer: the receiver failed: {self._failure!r}") from self._failure
-                remaining = None if deadline is None else deadline - time.monotonic()
-                if remaining is not None and remaining <= 0:
-                    raise TimeoutError(
-                        f"buffer: {self._groups.ready_groups}/{num_groups} groups after {timeout_s}s"
-                    )
-                self._cond.wait(timeout=remaining)
-            groups = self._groups.pop(num_groups)
+            self._wait(lambda: self._buffer.ready(batch), timeout_s, f"batch {batch}")
+            samples = self._buffer.pop(batch)
             self.batches += 1
-        # Which groups form a batch follows arrival; their order inside it does not depend on timing.
-        samples = [x for g in sorted(groups, key=lambda g: g[0].group_id) for x in g]
-        return samples, rollout_stats(samples)
+        return samples, {**rollout_stats(samples), **staleness_stats(samples, batch)}
+
+    def take_partials(self, n: int, sent: int, timeout_s: float | None = None) -> list[list[Sample]]:
+        """Up to n cached partial groups, once the first `sent` partial groups have all arrived."""
+        with self._cond:
+            self._wait(lambda: self._buffer.partials_received >= sent, timeout_s, f"{sent} partial groups")
+            return self._buffer.take_partials(n, self._select)
 
     def stats(self) -> dict[str, Any]:
         with self._cond:
+            b = self._buffer
             return {
                 "received": self.received,
-                "accepted": self._groups.accepted,
-                "ready_groups": self._groups.ready_groups,
-                "partial_groups": self._groups.partial_groups,
-                "rejected": dict(self._groups.rejected),
+                "accepted": b.assembler.accepted,
+                "partial_groups": b.assembler.partial_groups,
+                "cached_partials": len(b.partials),
+                "rejected": dict(b.assembler.rejected + b.rejected),
                 "invalid_frames": dict(self.invalid),
                 "batches": self.batches,
             }

@@ -1,4 +1,4 @@
-"""Group assembly: samples arrive one by one, in any order; whole groups leave in arrival order.
+"""Group assembly and batch routing: samples arrive one by one, in any order; whole groups leave.
 
 Guarantees: a group leaves only when all of its group_size samples are in; groups are never split or
 mixed; a sample is never handed out twice; a duplicate or inconsistent sample is rejected and counted
@@ -7,7 +7,8 @@ with its reason, and never replaces one already accepted.
 
 from __future__ import annotations
 
-from collections import Counter, deque
+from collections import Counter, defaultdict, deque
+from collections.abc import Callable
 
 from engine.wire import Sample
 
@@ -56,3 +57,82 @@ class GroupAssembler:
         if num_groups > len(self._ready):
             raise ValueError(f"asked for {num_groups} groups, {len(self._ready)} ready")
         return [self._ready.popleft() for _ in range(num_groups)]
+
+
+GroupFilter = Callable[[list[list[Sample]], int], list[int]]
+
+
+class BatchBuffer:
+    """Whole groups routed to the batch the producer assigned them, or to the partial-rollout cache.
+
+    Guarantees: batch b is handed out once, when it holds exactly batch_size groups, ordered by group
+    id; a group for a batch already handed out or already full is refused and counted; cached partial
+    groups leave in arrival order (or as a buffer filter picks them), each once.
+    """
+
+    def __init__(self, batch_size: int) -> None:
+        self.batch_size = batch_size
+        self.assembler = GroupAssembler()
+        self.batches: dict[int, list[list[Sample]]] = defaultdict(list)
+        self.handed_out: set[int] = set()
+        self.partials: list[list[Sample]] = []
+        self.partials_received = 0
+        self.rejected: Counter[str] = Counter()
+
+    def add(self, sample: Sample) -> str | None:
+        """Take one sample; returns a rejection reason or None."""
+        reason = self.assembler.add(sample)
+        if reason is not None:
+            return reason
+        for group in self.assembler.pop(self.assembler.ready_groups):
+            reason = self._route(group)
+        return reason
+
+    def _route(self, group: list[Sample]) -> str | None:
+        targets = {x.batch for x in group}
+        if len(targets) != 1:
+            return self._reject("mixed_batches", len(group))
+        batch = targets.pop()
+        if batch < 0:
+            self.partials.append(group)
+            self.partials_received += 1
+            return None
+        if batch in self.handed_out or len(self.batches[batch]) >= self.batch_size:
+            return self._reject("batch_full", len(group))
+        self.batches[batch].append(group)
+        return None
+
+    def _reject(self, reason: str, samples: int) -> str:
+        self.rejected[reason] += samples
+        return reason
+
+    def ready(self, batch: int) -> bool:
+        return batch not in self.handed_out and len(self.batches.get(batch, ())) == self.batch_size
+
+    def pop(self, batch: int) -> list[Sample]:
+        if not self.ready(batch):
+            raise ValueError(
+                f"batch {batch} holds {len(self.batches.get(batch, ()))}/{self.batch_size} groups"
+            )
+        groups = sorted(self.batches.pop(batch), key=lambda g: g[0].group_id)
+        self.handed_out.add(batch)
+        return [x for g in groups for x in g]
+
+    def take_partials(self, n: int, select: GroupFilter | None = None) -> list[list[Sample]]:
+        """Up to n cached partial groups: the oldest first, or the indices a buffer filter returns."""
+        if select is None:
+            chosen = list(range(min(n, len(self.partials))))
+        else:
+            chosen = list(select(list(self.partials), n))
+            if (
+                len(set(chosen)) != len(chosen)
+                or len(chosen) > n
+                or not all(0 <= i < len(self.partials) for i in chosen)
+            ):
+                raise ValueError(
+                    f"buffer filter returned {chosen!r}: "
+                    f"expected at most {n} distinct indices below {len(self.partials)}"
+                )
+        taken = [self.partials[i] for i in chosen]
+        self.partials = [g for i, g in enumerate(self.partials) if i not in set(chosen)]
+        return taken

@@ -92,6 +92,7 @@ class AlgoConfig(Section, kw_only=True):
     entropy_coef: float = 0.0
     calculate_per_token_loss: bool = False
     use_tis: bool = False
+    tis_mode: Literal["token_truncate", "token_mask", "seq_truncate", "seq_mask"] = "token_truncate"
     tis_clip: float = 2.0
     tis_clip_low: float = 0.0
     use_rollout_logprobs: bool = False

@@ -81,12 +81,31 @@ def ppo_clip_loss(
 
 
 def tis_weights(
-    old_logp: torch.Tensor, rollout_logp: torch.Tensor, low: float, high: float
+    old_logp: torch.Tensor,
+    rollout_logp: torch.Tensor,
+    mask: torch.Tensor,
+    mode: str,
+    low: float,
+    high: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Truncated importance weights w = clamp(exp(old - rollout), low, high) (no gradient) and a clip mask."""
-    raw = torch.exp(old_logp - rollout_logp).detach()
-    w = raw.clamp(low, high)
-    return w, (w != raw).float()
+    """Importance weights correcting engine -> learner drift (no gradient), and where the ratio is outside
+    [low, high].
+
+    token_*: ratio per token, exp(old - rollout); seq_*: per sequence, the geometric mean of its tokens'
+    ratios, exp(mean(old - rollout)), given to each of its tokens. *_truncate: w = clamp(ratio, low,
+    high); *_mask: w = ratio inside [low, high] and 0 outside (IcePop-style masking).
+    """
+    log_ratio = (old_logp - rollout_logp).detach()
+    if mode.startswith("seq_"):
+        per_seq = (log_ratio * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)
+        log_ratio = per_seq[:, None].expand_as(old_logp)
+    ratio = torch.exp(log_ratio)
+    outside = ((ratio < low) | (ratio > high)).float()
+    if mode.endswith("_truncate"):
+        return ratio.clamp(low, high), outside
+    if mode.endswith("_mask"):
+        return ratio * (1.0 - outside), outside
+    raise ValueError(f"unknown tis_mode {mode!r}")
 
 
 def masked_sum(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -138,7 +157,9 @@ def policy_objective(
             "logprob_abs_diff": masked_sum(engine_log_ratio.abs(), mask),
         }
     if algo.use_tis:
-        w, w_clipped = tis_weights(old_logp, rollout_logp, algo.tis_clip_low, algo.tis_clip)
+        w, w_clipped = tis_weights(
+            old_logp, rollout_logp, mask, algo.tis_mode, algo.tis_clip_low, algo.tis_clip
+        )
         pg = pg * w
         sums["tis_weight"] = masked_sum(w, mask)
         sums["tis_clipfrac"] = masked_sum(w_clipped, mask)

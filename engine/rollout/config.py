@@ -41,10 +41,49 @@ class RolloutConfig(Section, kw_only=True):
     reward_workers: int = 1
     # Producer.
     max_concurrency: int = 256
+    # Asynchronous training: at most max_staleness policy versions between a trained token and the
+    # learner (0: synchronous on-policy); what in-flight generations do when new weights arrive.
+    max_staleness: int = 0
+    on_weight_update: Literal["wait", "continue", "resume"] = "continue"
+    # Dynamic sampling: prompts in flight per batch, and the filter finished groups must pass.
+    over_sampling_batch_size: int | None = None
+    dynamic_sampling_filter: Literal["none", "reward_std", "reward_std_fallback"] = "none"
+    dynamic_sampling_filter_path: str | None = None
+    # Partial rollout: groups aborted when their batch is full are kept and resumed first next time.
+    partial_rollout: bool = False
+    mask_offpolicy_in_partial_rollout: bool = False
+    buffer_filter_path: str | None = None
 
     def check(self) -> None:
         self.positive("batch_size", "n_samples_per_prompt", "global_batch_size", "num_steps_per_rollout")
         self.positive("num_rollout", "num_epoch", "max_response_len", "reward_workers", "max_concurrency")
+        self.non_negative("max_staleness")
+        if self.over_sampling_batch_size is not None:
+            self.require(
+                self.over_sampling_batch_size >= self.batch_size,
+                "over_sampling_batch_size",
+                f"{self.over_sampling_batch_size} is below batch_size={self.batch_size}",
+            )
+        self.require(
+            not (self.dynamic_sampling_filter_path and self.dynamic_sampling_filter != "none"),
+            "dynamic_sampling_filter_path",
+            f"is set together with dynamic_sampling_filter={self.dynamic_sampling_filter!r}; choose one",
+        )
+        self.require(
+            not (
+                self.partial_rollout
+                and self.max_staleness == 0
+                and not self.mask_offpolicy_in_partial_rollout
+            ),
+            "partial_rollout",
+            "resumed partial responses keep tokens of an older policy, which max_staleness = 0 forbids: "
+            "set mask_offpolicy_in_partial_rollout = true, or max_staleness >= 1",
+        )
+        self.require(
+            self.buffer_filter_path is None or self.partial_rollout,
+            "buffer_filter_path",
+            "selects cached partial rollouts, but partial_rollout is off",
+        )
         self.non_negative("temperature")
         self.require(0.0 < self.top_p <= 1.0, "top_p", f"must be in (0, 1], got {self.top_p!r}")
         self.require(
@@ -81,11 +120,12 @@ class EvalConfig(Section, kw_only=True):
     apply_chat_template: bool | None = None
 
     def check(self) -> None:
-        self.positive("interval", "n_samples_per_eval_prompt", "max_response_len")
+        self.positive("n_samples_per_eval_prompt", "max_response_len")
+        self.non_negative("interval")
         self.non_negative("temperature")
         if self.top_p is not None:
             self.require(0.0 < self.top_p <= 1.0, "top_p", f"must be in (0, 1], got {self.top_p!r}")
-        if self.interval is not None:
+        if self.interval:
             self.require(
                 bool(self.datasets), "datasets", "eval.interval is set but no eval.datasets are given"
             )
@@ -103,6 +143,8 @@ class InferenceConfig(Section, kw_only=True):
     max_batch_size: int = 256
     batch_wait_ms: float = 2.0
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    # Learner and engines share the devices (weights move in place, phases alternate): synchronous only.
+    colocate: bool = False
     attn_implementation: Literal["sdpa", "eager"] = "sdpa"
 
     def check(self) -> None:

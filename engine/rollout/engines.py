@@ -1,23 +1,32 @@
 """Inference engines as the producer sees them, and the embedded engine's Ray actor.
 
-`InferenceEngine` is the whole contract the producer relies on: submit requests, get results. The
-embedded engine's actor batches whatever requests are waiting (up to inference.max_batch_size
-sequences), runs them on one worker thread, and takes weight updates between batches, so a batch never
-mixes two weight versions (partial versions arrive with in-flight updates in the asynchronous pipeline).
+`InferenceEngine` is the whole contract the producer relies on: submit requests, get each result
+when it finishes, abort requests. The embedded engine's actor batches the requests waiting when a
+batch starts (up to inference.max_batch_size), decodes it step by step on one worker thread, and
+hands each request's result back as soon as that request finishes. Weight updates arrive between
+steps, in one of three modes:
+- "wait": the running batch finishes with the old weights; the update applies before the next batch;
+- "continue": the update applies at once and the running batch goes on decoding (in-flight update);
+  tokens drawn after it carry the new version;
+- "resume": the running batch is aborted (its requests come back with their tokens so far and
+  finish_reason "abort", for the producer to resume), then the update applies.
 """
 
 from __future__ import annotations
 
 import abc
 import asyncio
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
 from engine.rollout.config import InferenceConfig
-from engine.rollout.hf_engine import HFEngine
+from engine.rollout.hf_engine import DecodeBatch, HFEngine
 from engine.wire import GenerateRequest, GenerateResult
+
+WeightMode = Literal["wait", "continue", "resume"]
 
 
 class InferenceEngine(abc.ABC):
@@ -25,7 +34,11 @@ class InferenceEngine(abc.ABC):
 
     @abc.abstractmethod
     async def generate(self, requests: list[GenerateRequest]) -> list[GenerateResult]:
-        """Results in request order."""
+        """Results in request order (each request finishes on its own; aborted ones say "abort")."""
+
+    @abc.abstractmethod
+    async def abort(self, rids: list[int]) -> None:
+        """Stop these requests (waiting or running); their generate calls return what they have."""
 
 
 class RayEngineClient(InferenceEngine):
@@ -36,6 +49,13 @@ class RayEngineClient(InferenceEngine):
 
     async def generate(self, requests: list[GenerateRequest]) -> list[GenerateResult]:
         return await self.actor.generate.remote(requests)
+
+    async def abort(self, rids: list[int]) -> None:
+        await self.actor.abort.remote(rids)
+
+
+def aborted(request: GenerateRequest) -> GenerateResult:
+    return GenerateResult(rid=request.rid, token_ids=[], logprobs=[], versions=[], finish_reason="abort")
 
 
 class EmbeddedEngineActor:
@@ -55,82 +75,151 @@ class EmbeddedEngineActor:
             overrides=overrides,
         )
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"engine{index}")
-        self._pending: list[tuple[list[GenerateRequest], asyncio.Future]] = []
+        self._pending: deque[tuple[GenerateRequest, asyncio.Future]] = deque()
+        self._running: DecodeBatch | None = None
+        self._futures: dict[int, asyncio.Future] = {}
+        self._aborts: set[int] = set()
+        self._update: tuple[dict[str, torch.Tensor], int, WeightMode, asyncio.Future] | None = None
         self._wake: asyncio.Event | None = None
-        self._lock: asyncio.Lock | None = None
         self._runner: asyncio.Task | None = None
+        self.busy_s = 0.0
 
     def _start(self) -> None:
         if self._runner is None:
             self._wake = asyncio.Event()
-            self._lock = asyncio.Lock()
             self._runner = asyncio.get_running_loop().create_task(self._run())
             self._runner.add_done_callback(self._runner_ended)
 
     def _runner_ended(self, task: asyncio.Task) -> None:
-        """The batch loop never ends on its own: whatever stopped it fails every waiting request."""
+        """The loop never ends on its own: whatever stopped it fails every waiting caller."""
         error = task.exception() if not task.cancelled() else asyncio.CancelledError()
-        failure = RuntimeError(f"engine {self.index}: batch loop stopped: {error!r}")
-        for _, future in self._pending:
+        failure = RuntimeError(f"engine {self.index}: decode loop stopped: {error!r}")
+        waiting = [f for _, f in self._pending] + list(self._futures.values())
+        if self._update is not None:
+            waiting.append(self._update[3])
+        for future in waiting:
             if not future.done():
                 future.set_exception(failure)
         self._pending.clear()
+        self._futures.clear()
 
-    async def ready(self) -> int:
-        self._start()
-        return self.engine.version
-
-    async def generate(self, requests: list[GenerateRequest]) -> list[GenerateResult]:
+    def _check_running(self) -> asyncio.Event:
         self._start()
         assert self._wake is not None and self._runner is not None
         if self._runner.done():
-            raise RuntimeError(f"engine {self.index}: batch loop is not running")
-        future = asyncio.get_running_loop().create_future()
-        self._pending.append((requests, future))
-        self._wake.set()
-        return await future
+            raise RuntimeError(f"engine {self.index}: decode loop is not running")
+        return self._wake
 
-    async def update_weights(self, named: dict[str, torch.Tensor], version: int) -> int:
-        """Replace all weights between batches; returns the new version."""
-        self._start()
-        assert self._lock is not None
-        async with self._lock:
-            await asyncio.get_running_loop().run_in_executor(
-                self._executor, self.engine.load_weights, named, version
-            )
+    async def ready(self) -> int:
+        self._check_running()
         return self.engine.version
 
-    def _take_batch(self) -> list[tuple[list[GenerateRequest], asyncio.Future]]:
-        taken, size = [], 0
-        while self._pending:
-            n = len(self._pending[0][0])
-            if taken and size + n > self.cfg.max_batch_size:
-                break
-            taken.append(self._pending.pop(0))
-            size += n
-        return taken
+    async def generate(self, requests: list[GenerateRequest]) -> list[GenerateResult]:
+        wake = self._check_running()
+        loop = asyncio.get_running_loop()
+        futures = []
+        for r in requests:
+            future = loop.create_future()
+            self._pending.append((r, future))
+            futures.append(future)
+        wake.set()
+        return list(await asyncio.gather(*futures))
+
+    async def abort(self, rids: list[int]) -> None:
+        wake = self._check_running()
+        self._aborts.update(rids)
+        wake.set()
+
+    async def update_weights(
+        self, named: dict[str, torch.Tensor], version: int, mode: WeightMode = "wait"
+    ) -> int:
+        """Replace all weights (see the module docstring for the modes); returns the new version."""
+        wake = self._check_running()
+        if self._update is not None:
+            raise RuntimeError(f"engine {self.index}: a weight update is already in progress")
+        future = asyncio.get_running_loop().create_future()
+        self._update = (named, version, mode, future)
+        wake.set()
+        await future
+        return self.engine.version
+
+    async def stats(self) -> dict[str, float]:
+        return {"version": self.engine.version, "busy_s": self.busy_s}
+
+    def _deliver(self, results: list[GenerateResult]) -> None:
+        for result in results:
+            future = self._futures.pop(result.rid, None)
+            if future is not None and not future.done():
+                future.set_result(result)
+
+    def _apply_aborts(self) -> None:
+        if not self._aborts:
+            return
+        kept: deque[tuple[GenerateRequest, asyncio.Future]] = deque()
+        for request, future in self._pending:
+            if request.rid in self._aborts:
+                if not future.done():
+                    future.set_result(aborted(request))
+            else:
+                kept.append((request, future))
+        self._pending = kept
+        if self._running is not None:
+            self._deliver(self._running.abort(self._aborts))
+        self._aborts.clear()
+
+    async def _off_loop(self, fn: Any, *args: Any) -> Any:
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        try:
+            return await loop.run_in_executor(self._executor, fn, *args)
+        finally:
+            self.busy_s += loop.time() - start
 
     async def _run(self) -> None:
-        assert self._wake is not None and self._lock is not None
-        loop = asyncio.get_running_loop()
+        assert self._wake is not None
         while True:
-            await self._wake.wait()
-            self._wake.clear()
-            if self.cfg.batch_wait_ms > 0:
-                await asyncio.sleep(self.cfg.batch_wait_ms / 1000)
-            while self._pending:
-                calls = self._take_batch()
-                requests = [r for reqs, _ in calls for r in reqs]
+            self._apply_aborts()
+            if self._update is not None and (self._running is None or self._update[2] != "wait"):
+                named, version, mode, future = self._update
+                if self._running is not None and mode == "resume":
+                    self._deliver(self._running.abort())
+                    self._running = None
                 try:
-                    async with self._lock:
-                        results = await loop.run_in_executor(self._executor, self.engine.generate, requests)
-                except Exception as e:  # delivered to every caller of this batch, not swallowed
-                    for _, future in calls:
+                    await self._off_loop(self.engine.load_weights, named, version)
+                except Exception as e:  # a refused update goes back to its caller; decoding goes on
+                    future.set_exception(e)
+                else:
+                    future.set_result(version)
+                self._update = None
+                continue
+            if self._running is None:
+                if not self._pending:
+                    self._wake.clear()
+                    await self._wake.wait()
+                    if self.cfg.batch_wait_ms > 0:
+                        await asyncio.sleep(self.cfg.batch_wait_ms / 1000)
+                    continue
+                take = min(len(self._pending), self.cfg.max_batch_size)
+                batch = [self._pending.popleft() for _ in range(take)]
+                requests = [r for r, _ in batch]
+                self._futures.update({r.rid: f for r, f in batch})
+                try:
+                    self._running = await self._off_loop(self.engine.start, requests)
+                except Exception as e:  # delivered to every request of the batch, not swallowed
+                    for request, future in batch:
+                        self._futures.pop(request.rid, None)
                         if not future.done():
                             future.set_exception(e)
-                    continue
-                start = 0
-                for reqs, future in calls:
-                    if not future.done():
-                        future.set_result(results[start : start + len(reqs)])
-                    start += len(reqs)
+                continue
+            try:
+                finished = await self._off_loop(self._running.step)
+            except Exception as e:
+                for rid in [r.rid for r in self._running.requests]:
+                    future = self._futures.pop(rid, None)
+                    if future is not None and not future.done():
+                        future.set_exception(e)
+                self._running = None
+                continue
+            self._deliver(finished)
+            if self._running.done:
+                self._running = None

@@ -74,74 +74,127 @@ class HFEngine:
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {name: p.detach().clone() for name, p in self._params.items()}
 
-    @torch.no_grad()
+    def start(self, requests: list[GenerateRequest]) -> DecodeBatch:
+        """Prefill a batch; tokens are then drawn one step at a time with DecodeBatch.step."""
+        return DecodeBatch(self, requests)
+
     def generate(self, requests: list[GenerateRequest]) -> list[GenerateResult]:
-        """Run a batch of requests to completion (left-padded prefill, then one token per step)."""
-        if not requests:
-            return []
-        dev = self.device
-        batch = len(requests)
-        prompt_lens = [len(r.prompt_ids) for r in requests]
-        width = max(prompt_lens)
-        ids = torch.zeros(batch, width, dtype=torch.long, device=dev)
-        attn = torch.zeros(batch, width, dtype=torch.long, device=dev)
+        """Run a batch of requests to completion."""
+        batch = self.start(requests)
+        results = []
+        while not batch.done:
+            results += batch.step()
+        order = {r.rid: i for i, r in enumerate(requests)}
+        return sorted(results, key=lambda r: order[r.rid])
+
+
+class DecodeBatch:
+    """Requests decoding together: left-padded prefill, then one token per row per step.
+
+    Between steps the owner may replace the engine's weights (later tokens then carry the new version:
+    a token's version is the version of the weights that computed its distribution) or abort rows
+    (their results come back at once with the tokens so far and finish_reason "abort").
+    """
+
+    @torch.no_grad()
+    def __init__(self, engine: HFEngine, requests: list[GenerateRequest]) -> None:
+        self.engine, self.requests = engine, requests
+        dev = engine.device
+        n = len(requests)
+        lens = [len(r.prompt_ids) for r in requests]
+        width = max(lens)
+        ids = torch.zeros(n, width, dtype=torch.long, device=dev)
+        self.attn = torch.zeros(n, width, dtype=torch.long, device=dev)
         for i, r in enumerate(requests):
-            ids[i, width - prompt_lens[i] :] = torch.tensor(r.prompt_ids, dtype=torch.long)
-            attn[i, width - prompt_lens[i] :] = 1
-        positions = (attn.cumsum(-1) - 1).clamp(min=0)
-        temperature = torch.tensor([r.params.temperature for r in requests], dtype=torch.float32, device=dev)
-        top_p = torch.tensor([r.params.top_p for r in requests], dtype=torch.float32, device=dev)
-        top_k = torch.tensor([r.params.top_k for r in requests], dtype=torch.long, device=dev)
-        budgets = [r.params.max_new_tokens for r in requests]
-        stops = [self.eos_ids | set(r.params.stop_token_ids) for r in requests]
-        seeds = np.array(
-            [r.seed if r.seed is not None else int(self._seeds.integers(1 << 62)) for r in requests],
+            ids[i, width - lens[i] :] = torch.tensor(r.prompt_ids, dtype=torch.long)
+            self.attn[i, width - lens[i] :] = 1
+        self.positions = (self.attn.cumsum(-1) - 1).clamp(min=0)
+        self.temperature = torch.tensor(
+            [r.params.temperature for r in requests], dtype=torch.float32, device=dev
+        )
+        self.top_p = torch.tensor([r.params.top_p for r in requests], dtype=torch.float32, device=dev)
+        self.top_k = torch.tensor([r.params.top_k for r in requests], dtype=torch.long, device=dev)
+        self.budgets = [r.params.max_new_tokens for r in requests]
+        self.stops = [engine.eos_ids | set(r.params.stop_token_ids) for r in requests]
+        self.seeds = np.array(
+            [r.seed if r.seed is not None else int(engine._seeds.integers(1 << 62)) for r in requests],
             dtype=np.uint64,
         )
-
-        tokens: list[list[int]] = [[] for _ in requests]
-        logprobs: list[list[float]] = [[] for _ in requests]
-        reasons: list[str | None] = [None if b > 0 else "length" for b in budgets]
-        cache = DynamicCache()
-        out = self.model(
+        self.offsets = np.array([r.sample_offset for r in requests], dtype=np.int64)
+        self.tokens: list[list[int]] = [[] for _ in requests]
+        self.logprobs: list[list[float]] = [[] for _ in requests]
+        self.versions: list[list[int]] = [[] for _ in requests]
+        self.reasons: list[str | None] = [None if b > 0 else "length" for b in self.budgets]
+        self.reported = [False] * n
+        self.cache = DynamicCache()
+        out = engine.model(
             input_ids=ids,
-            attention_mask=attn,
-            position_ids=positions,
-            cache=cache,
+            attention_mask=self.attn,
+            position_ids=self.positions,
+            cache=self.cache,
             use_cache=True,
             logits_to_keep=1,
         )
-        for step in range(max(budgets)):
-            uniforms = position_uniforms(seeds, step)
-            next_tok, next_lp = sample_next(out.logits[:, -1], temperature, top_p, top_k, uniforms)
-            toks, lps = next_tok.tolist(), next_lp.tolist()
-            for i in range(batch):
-                if reasons[i] is not None:
-                    continue
-                tokens[i].append(toks[i])
-                logprobs[i].append(lps[i])
-                if toks[i] in stops[i]:
-                    reasons[i] = "stop"
-                elif len(tokens[i]) >= budgets[i]:
-                    reasons[i] = "length"
-            if all(reason is not None for reason in reasons):
-                break
-            attn = torch.cat([attn, attn.new_ones(batch, 1)], dim=1)
-            positions = positions[:, -1:] + 1
-            out = self.model(
-                input_ids=next_tok[:, None],
-                attention_mask=attn,
-                position_ids=positions,
-                cache=cache,
+        self.logits = out.logits[:, -1]
+        self.logits_version = engine.version
+        self.steps = 0
+
+    @property
+    def done(self) -> bool:
+        return all(self.reported)
+
+    def _collect(self) -> list[GenerateResult]:
+        out = []
+        for i, r in enumerate(self.requests):
+            if self.reasons[i] is not None and not self.reported[i]:
+                self.reported[i] = True
+                out.append(
+                    GenerateResult(
+                        rid=r.rid,
+                        token_ids=self.tokens[i],
+                        logprobs=self.logprobs[i],
+                        versions=self.versions[i],
+                        finish_reason=self.reasons[i],  # type: ignore[arg-type]
+                    )
+                )
+        return out
+
+    @torch.no_grad()
+    def step(self) -> list[GenerateResult]:
+        """Draw one token for every live row; returns the rows that finished now."""
+        if all(reason is not None for reason in self.reasons):
+            return self._collect()
+        uniforms = position_uniforms(self.seeds, self.offsets + self.steps)
+        toks_t, lps_t = sample_next(self.logits, self.temperature, self.top_p, self.top_k, uniforms)
+        toks, lps = toks_t.tolist(), lps_t.tolist()
+        for i in range(len(self.requests)):
+            if self.reasons[i] is not None:
+                continue
+            self.tokens[i].append(toks[i])
+            self.logprobs[i].append(lps[i])
+            self.versions[i].append(self.logits_version)
+            if toks[i] in self.stops[i]:
+                self.reasons[i] = "stop"
+            elif len(self.tokens[i]) >= self.budgets[i]:
+                self.reasons[i] = "length"
+        self.steps += 1
+        if not all(reason is not None for reason in self.reasons):
+            self.attn = torch.cat([self.attn, self.attn.new_ones(len(self.requests), 1)], dim=1)
+            self.positions = self.positions[:, -1:] + 1
+            out = self.engine.model(
+                input_ids=toks_t[:, None],
+                attention_mask=self.attn,
+                position_ids=self.positions,
+                cache=self.cache,
                 use_cache=True,
             )
-        return [
-            GenerateResult(
-                rid=r.rid,
-                token_ids=tokens[i],
-                logprobs=logprobs[i],
-                versions=[self.version] * len(tokens[i]),
-                finish_reason=reasons[i] or "length",
-            )
-            for i, r in enumerate(requests)
-        ]
+            self.logits = out.logits[:, -1]
+            self.logits_version = self.engine.version
+        return self._collect()
+
+    def abort(self, rids: set[int] | None = None) -> list[GenerateResult]:
+        """Stop rows now (all rows when rids is None); returns their partial results."""
+        for i, r in enumerate(self.requests):
+            if self.reasons[i] is None and (rids is None or r.rid in rids):
+                self.reasons[i] = "abort"
+        return self._collect()

@@ -1,46 +1,87 @@
-"""The rollout producer: prompts in, scored samples out over the sample stream.
+"""The rollout producer: prompts in, scored samples out, under admission control.
 
-It runs on uvloop in its own thread inside a Ray actor. Guarantees:
-- admission control: a group starts only while capacity = (k + v + 1) x B - started > 0, where v is the
-  policy version the engines hold, B the rollout batch size in groups and k the staleness bound (0 here:
-  synchronous on-policy training, each batch generated entirely by the current policy);
-- every started group sends exactly n_samples_per_prompt samples, each scored, in one piece per sample;
-- any failure (engine, reward, socket) ends `run` with that error instead of being dropped.
+It runs on uvloop in its own thread inside a Ray actor (engine/rollout/producer_actor.py). Guarantees:
+- a group starts only when the BatchScheduler admits it (capacity = (k + v + 1) B - (accepted +
+  running), plus over-sampling slack), and goes to a batch of its staleness window or nowhere;
+- every response token keeps the policy version that produced it; a request cut by a weight update
+  ("resume" mode) resumes from prompt + its tokens with the remaining budget and the same seed stream,
+  its earlier tokens, log-probs and versions intact;
+- a finished group is sent (to its batch) or counted under a reason; a surplus group (its batch filled
+  first) is aborted and cached for partial rollout or counted as dropped; cached groups resume first;
+- any failure (engine, reward, filter, socket) ends `run` with that error.
 """
 
 from __future__ import annotations
 
 import asyncio
 import itertools
-import logging
-import threading
 import time
-from collections.abc import Awaitable, Coroutine, Iterable
-from typing import Any, NamedTuple, TypeVar
+from collections import Counter, deque
+from collections.abc import Awaitable, Iterable
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
+import msgspec
 import numpy as np
-import uvloop
-from transformers import AutoTokenizer
 
 from engine.rollout.config import EvalConfig, RolloutConfig
 from engine.rollout.data import Prompt, PromptOrder
-from engine.rollout.engines import InferenceEngine, RayEngineClient
+from engine.rollout.engines import InferenceEngine
+from engine.rollout.filters import resolve_filter, verdict
 from engine.rollout.rewards import RewardPool
 from engine.rollout.sampling import derive_seed
-from engine.transport import SampleSink, ZmqSampleSink
-from engine.wire import GenerateRequest, GenerateResult, Sample, SamplingParams
+from engine.rollout.scheduler import BatchScheduler
+from engine.transport import SampleSink
+from engine.wire import GenerateRequest, Sample, SamplingParams
 
-log = logging.getLogger(__name__)
-
-STATUS = {"stop": "completed", "length": "truncated", "abort": "aborted"}
-T = TypeVar("T")
+STATUS = {"stop": "completed", "length": "truncated", None: "aborted"}
 TRAIN, EVAL = 1, 2  # seed domains
+T = TypeVar("T")
 
 
-class Response(NamedTuple):
-    result: GenerateResult
-    text: str
-    reward: float
+@dataclass
+class Response:
+    """One response in the making: its tokens so far (with log-probs, versions, loss mask)."""
+
+    seed: int
+    budget: int
+    tokens: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    versions: list[int] = field(default_factory=list)
+    mask: list[int] = field(default_factory=list)
+    finish: str | None = None  # "stop" | "length" once done
+    reward: float = 0.0
+    text: str = ""
+
+
+@dataclass
+class Group:
+    prompt: Prompt
+    responses: list[Response]
+    seq: int = -1
+    rids: set[int] = field(default_factory=set)
+    engine: int = -1
+
+
+async def gather_all(coros: Iterable[Awaitable[T]]) -> list[T]:
+    """Results in order; on the first failure the others are cancelled and that failure is raised."""
+    try:
+        async with asyncio.TaskGroup() as group:
+            tasks = [group.create_task(c) for c in coros]
+    except ExceptionGroup as eg:
+        raise eg.exceptions[0] from eg
+    return [t.result() for t in tasks]
+
+
+class PartialStore:
+    """Where partial groups wait (the buffer actor): send them as samples, take them back."""
+
+    def __init__(self, sink: SampleSink, buffer: Any) -> None:
+        self.sink, self.buffer = sink, buffer
+        self.sent = 0
+
+    async def take(self, n: int) -> list[list[Sample]]:
+        return await self.buffer.take_partials.remote(n, self.sent)
 
 
 class Producer:
@@ -57,14 +98,18 @@ class Producer:
         sink: SampleSink,
         rewards: RewardPool,
         *,
-        max_staleness: int = 0,
+        num_batches: int,
+        partials: PartialStore | None = None,
     ) -> None:
         self.cfg, self.eval_cfg = rollout, evaluation
         self.tokenizer = tokenizer
         self.prompts, self.eval_sets = prompts, eval_sets
-        self.engines, self.sink, self.rewards = engines, sink, rewards
-        self.max_staleness = max_staleness
-        self.order = PromptOrder(len(self.prompts), shuffle=rollout.shuffle, seed=rollout.seed)
+        self.engines, self.sink, self.rewards, self.partials = engines, sink, rewards, partials
+        self.scheduler = BatchScheduler(
+            rollout.batch_size, rollout.max_staleness, num_batches, rollout.over_sampling_batch_size
+        )
+        self.filter = resolve_filter(rollout.dynamic_sampling_filter, rollout.dynamic_sampling_filter_path)
+        self.order = PromptOrder(len(prompts), shuffle=rollout.shuffle, seed=rollout.seed)
         stops = tuple(sorted({*rollout.stop_token_ids, tokenizer.eos_token_id} - {None}))
         self.train_params = SamplingParams(
             max_new_tokens=rollout.max_response_len,
@@ -81,90 +126,230 @@ class Producer:
             top_k=rollout.top_k if e.top_k is None else e.top_k,
             stop_token_ids=stops,
         )
-        self.version = 0
-        self.started_groups = 0
-        self.sent_samples = 0
-        self._version_changed = asyncio.Event()
-        self._group_slots = asyncio.Semaphore(max(1, rollout.max_concurrency // rollout.n_samples_per_prompt))
+        self.counts: Counter[str] = Counter()
+        self.capacity_wait_s = 0.0
+        self._groups: dict[int, Group] = {}
+        self._held: deque[Group] = deque()  # partial groups taken back, waiting for room
+        self._changed = asyncio.Event()
+        self._max_groups = max(1, rollout.max_concurrency // rollout.n_samples_per_prompt)
         self._rids = itertools.count()
         self._in_flight = [0] * len(engines)
 
-    # --- admission control --------------------------------------------------------------------------
+    # --- versions and admission ---------------------------------------------------------------------
 
-    def capacity(self) -> int:
-        return (self.max_staleness + self.version + 1) * self.cfg.batch_size - self.started_groups
+    @property
+    def version(self) -> int:
+        return self.scheduler.version
 
-    def set_version(self, version: int) -> None:
-        self.version = version
-        self._version_changed.set()
+    async def set_version(self, version: int) -> None:
+        self.scheduler.set_version(version)
+        await self._abort_surplus()
+        self._changed.set()
 
-    async def _wait_for_capacity(self) -> None:
-        while self.capacity() <= 0:
-            self._version_changed.clear()
-            await self._version_changed.wait()
+    async def _abort_surplus(self) -> None:
+        for seq in self.scheduler.surplus():
+            group = self._groups.get(seq)
+            if group is not None and group.rids:
+                await self.engines[group.engine].abort(sorted(group.rids))
 
-    # --- generation ---------------------------------------------------------------------------------
+    def _new_group(self) -> Group:
+        position, index = self.order.next()
+        n = self.cfg.n_samples_per_prompt
+        seeds = [derive_seed(self.cfg.seed, TRAIN, position, i) for i in range(n)]
+        budget = self.cfg.max_response_len
+        return Group(self.prompts[index], [Response(seed=s, budget=budget) for s in seeds])
 
-    async def _generate(self, requests: list[GenerateRequest]) -> list[GenerateResult]:
-        i = min(range(len(self.engines)), key=self._in_flight.__getitem__)
-        self._in_flight[i] += len(requests)
-        try:
-            return await self.engines[i].generate(requests)
-        finally:
-            self._in_flight[i] -= len(requests)
+    async def _resumable(self, room: int) -> None:
+        """Take cached partial groups back from the buffer (oldest first, or as the buffer filter picks)."""
+        store = self.partials
+        if store is None or room <= 0 or self.counts["partials_cached"] <= self.counts["partials_taken"]:
+            return
+        for samples in await store.take(room):
+            self.counts["partials_taken"] += 1
+            self._held.append(self._from_samples(samples))
 
-    def _requests(self, prompt: Prompt, params: SamplingParams, seeds: list[int]) -> list[GenerateRequest]:
-        return [
-            GenerateRequest(rid=next(self._rids), prompt_ids=prompt.token_ids, params=params, seed=seed)
-            for seed in seeds
+    def _from_samples(self, samples: list[Sample]) -> Group:
+        first = samples[0]
+        prompt = Prompt(
+            index=first.prompt_index,
+            token_ids=tuple(int(t) for t in first.prompt_array),
+            text="",
+            label=first.label,
+            metadata=first.metadata,
+        )  # responses keep their own seeds, so the prompt's stream position is not needed again
+        masked = self.cfg.mask_offpolicy_in_partial_rollout
+        responses = [
+            Response(
+                seed=x.seed,
+                budget=self.cfg.max_response_len,
+                tokens=x.response_array.tolist(),
+                logprobs=x.logprob_array.tolist(),
+                versions=x.version_array.tolist(),
+                mask=[0] * x.response_len if masked else x.mask_array.tolist(),
+                finish={"completed": "stop", "truncated": "length"}.get(x.status),
+            )
+            for x in samples
         ]
+        return Group(prompt, responses)
 
-    async def _respond(self, prompt: Prompt, params: SamplingParams, seeds: list[int]) -> list[Response]:
-        """Generate one response per seed and score each one (rewards run concurrently)."""
-        results = await self._generate(self._requests(prompt, params, seeds))
-        texts = [self.tokenizer.decode(r.token_ids, skip_special_tokens=True) for r in results]
-        rewards = await gather_all(self.rewards.score(t, prompt.label, prompt.metadata) for t in texts)
-        return [Response(r, t, w) for r, t, w in zip(results, texts, rewards, strict=True)]
+    def _base_version(self, group: Group) -> int | None:
+        """Oldest version among the tokens this group will train on (None: none yet, i.e. now)."""
+        trained = [v for r in group.responses for v, m in zip(r.versions, r.mask, strict=True) if m]
+        return min(trained) if trained else None
 
-    async def run(self, total_groups: int) -> dict[str, int]:
-        """Start groups as capacity allows until total_groups have been sent; raise on any failure."""
+    async def run(self) -> dict[str, int]:
+        """Start groups as the scheduler admits them until every batch is full; raise on any failure."""
         try:
             async with asyncio.TaskGroup() as tasks:
-                while self.started_groups < total_groups:
-                    await self._wait_for_capacity()
-                    self.started_groups += 1
-                    position, index = self.order.next()
-                    tasks.create_task(self._run_group(position, self.prompts[index]))
+                while not self.scheduler.done:
+                    started = await self._admit_next()
+                    if started is not None:
+                        tasks.create_task(self._run_group(started))
+                        continue
+                    self._changed.clear()
+                    t0 = time.perf_counter()
+                    await self._changed.wait()
+                    self.capacity_wait_s += time.perf_counter() - t0
         except ExceptionGroup as eg:
             raise eg.exceptions[0] from eg
-        return {"groups": self.started_groups, "samples": self.sent_samples}
+        self.counts["partials_left"] = (
+            self.counts["partials_cached"] - self.counts["partials_taken"] + len(self._held)
+        )
+        return dict(self.counts)
 
-    async def _run_group(self, group_id: int, prompt: Prompt) -> None:
-        """One group (group_id = the prompt's position in the prompt stream): generate, score, send."""
-        n = self.cfg.n_samples_per_prompt
-        async with self._group_slots:
-            seeds = [derive_seed(self.cfg.seed, TRAIN, group_id, i) for i in range(n)]
-            responses = await self._respond(prompt, self.train_params, seeds)
-        for i, resp in enumerate(responses):
-            await self.sink.send(self._sample(group_id, i, n, prompt, resp))
-            self.sent_samples += 1
+    async def _admit_next(self) -> Group | None:
+        if len(self.scheduler.running) >= self._max_groups or self.scheduler.capacity() <= 0:
+            return None
+        await self._resumable(self.scheduler.capacity())
+        while self._held:
+            group = self._held[0]
+            base = self._base_version(group)
+            deadline = (self.version if base is None else base) + self.cfg.max_staleness
+            if deadline < self.version or self.scheduler.free(deadline) == 0:
+                self._held.popleft()  # its window has passed or filled: it can never be trained
+                self.counts["dropped_partial_too_stale"] += 1
+                continue
+            if self.scheduler.capacity(base) <= 0:
+                return None
+            self._held.popleft()
+            group.seq = self.scheduler.admit(base)
+            self.counts["partials_resumed"] += 1
+            break
+        else:
+            group = self._new_group()
+            group.seq = self.scheduler.admit()
+        self._groups[group.seq] = group
+        self.counts["groups_started"] += 1
+        return group
 
-    def _sample(self, group_id: int, index: int, n: int, prompt: Prompt, resp: Response) -> Sample:
-        r = resp.result
+    # --- one group ----------------------------------------------------------------------------------
+
+    def _surplus(self, group: Group) -> bool:
+        return self.scheduler.groups[group.seq].state == "surplus"
+
+    async def _run_group(self, group: Group) -> None:
+        try:
+            await self._decode(group.prompt, group.responses, self.train_params, group)
+            if self._surplus(group):  # also every case of unfinished responses: only surplus stops decoding
+                self.scheduler.finish(group.seq)
+                await self._set_aside(group)
+                return
+            await self._score(group.prompt, group.responses)
+            samples = [self._sample(group, i, batch=-1) for i in range(len(group.responses))]
+            keep, reason = verdict(self.filter(samples), self.cfg.dynamic_sampling_filter_path or "")
+            fallback = self.cfg.dynamic_sampling_filter == "reward_std_fallback"
+            if not keep and fallback and self.scheduler.would_starve(group.seq):
+                keep = True
+                self.counts["kept_by_fallback"] += 1
+            batch = self.scheduler.finish(group.seq, keep=keep, reason=reason)
+            if batch is None:
+                if keep:  # no room left in its window: the batch filled while it ran
+                    self.counts["dropped_surplus_finished"] += 1
+                return
+            for i in range(len(group.responses)):
+                await self.sink.send(self._sample(group, i, batch))
+                self.counts["samples_sent"] += 1
+        finally:
+            self._groups.pop(group.seq, None)
+            await self._abort_surplus()
+            self._changed.set()
+
+    async def _set_aside(self, group: Group) -> None:
+        """A surplus group: into the partial-rollout cache (resumed later) or counted as dropped."""
+        if self.partials is None:
+            self.counts["dropped_surplus"] += 1
+            return
+        for i in range(len(group.responses)):
+            await self.partials.sink.send(self._sample(group, i, batch=-1))
+            self.counts["partial_samples_sent"] += 1
+        self.partials.sent += 1
+        self.counts["partials_cached"] += 1
+
+    async def _decode(
+        self, prompt: Prompt, responses: list[Response], params: SamplingParams, group: Group | None = None
+    ) -> None:
+        """Generate until every response finished (resuming requests a weight update cut short), or
+        until the group turns surplus."""
+        while True:
+            todo = [r for r in responses if r.finish is None]
+            if not todo or (group is not None and self._surplus(group)):
+                return
+            requests = [
+                GenerateRequest(
+                    rid=next(self._rids),
+                    prompt_ids=prompt.token_ids + tuple(r.tokens),
+                    params=msgspec.structs.replace(params, max_new_tokens=r.budget - len(r.tokens)),
+                    seed=r.seed,
+                    sample_offset=len(r.tokens),
+                )
+                for r in todo
+            ]
+            engine = min(range(len(self.engines)), key=self._in_flight.__getitem__)
+            if group is not None:
+                group.rids, group.engine = {q.rid for q in requests}, engine
+            self._in_flight[engine] += len(requests)
+            try:
+                results = await self.engines[engine].generate(requests)
+            finally:
+                self._in_flight[engine] -= len(requests)
+                if group is not None:
+                    group.rids = set()
+            for r, result in zip(todo, results, strict=True):
+                r.tokens += result.token_ids
+                r.logprobs += result.logprobs
+                r.versions += result.versions
+                r.mask += [1] * len(result.token_ids)
+                if result.finish_reason != "abort":
+                    r.finish = result.finish_reason
+                elif group is not None and not self._surplus(group):
+                    self.counts["inflight_resumes"] += 1
+
+    async def _score(self, prompt: Prompt, responses: list[Response]) -> None:
+        for r in responses:
+            r.text = self.tokenizer.decode(r.tokens, skip_special_tokens=True)
+        rewards = await self.rewards.score([r.text for r in responses], prompt.label, prompt.metadata)
+        for r, reward in zip(responses, rewards, strict=True):
+            r.reward = reward
+
+    def _sample(self, group: Group, index: int, batch: int) -> Sample:
+        r = group.responses[index]
         return Sample.build(
-            prompt_ids=prompt.token_ids,
-            response_ids=r.token_ids,
+            prompt_ids=group.prompt.token_ids,
+            response_ids=r.tokens,
             rollout_logprobs=r.logprobs,
             versions=r.versions,
-            group_id=group_id,
+            loss_mask=r.mask,
+            group_id=group.seq,
             index=index,
-            group_size=n,
-            prompt_index=prompt.index,
-            reward=resp.reward,
-            status=STATUS[r.finish_reason],
-            label=prompt.label,
-            metadata=prompt.metadata,
-            response_text=resp.text,
+            group_size=len(group.responses),
+            prompt_index=group.prompt.index,
+            reward=r.reward,
+            status=STATUS[r.finish],
+            label=group.prompt.label,
+            metadata=group.prompt.metadata,
+            response_text=r.text,
+            batch=batch,
+            seed=r.seed,
         )
 
     # --- evaluation ---------------------------------------------------------------------------------
@@ -174,12 +359,18 @@ class Producer:
         prompts = self.eval_sets[name]
         n = self.eval_cfg.n_samples_per_eval_prompt
         slots = asyncio.Semaphore(max(1, self.cfg.max_concurrency // n))
+        budget = self.eval_params.max_new_tokens
 
         async def one(prompt: Prompt) -> list[Response]:
             # The same seeds at every evaluation: differences between evaluations come from the policy.
-            seeds = [derive_seed(self.cfg.seed, EVAL, prompt.index, i) for i in range(n)]
+            responses = [
+                Response(seed=derive_seed(self.cfg.seed, EVAL, prompt.index, i), budget=budget)
+                for i in range(n)
+            ]
             async with slots:
-                return await self._respond(prompt, self.eval_params, seeds)
+                await self._decode(prompt, responses, self.eval_params)
+                await self._score(prompt, responses)
+            return responses
 
         start = time.perf_counter()
         responses = [r for group in await gather_all(one(p) for p in prompts) for r in group]
@@ -187,71 +378,15 @@ class Producer:
         return {
             f"eval/{name}/reward": float(rewards.mean()),
             f"eval/{name}/accuracy": float((rewards > 0).mean()),
-            f"eval/{name}/response_len": float(np.mean([len(r.result.token_ids) for r in responses])),
-            f"eval/{name}/truncated_frac": float(
-                np.mean([r.result.finish_reason == "length" for r in responses])
-            ),
+            f"eval/{name}/response_len": float(np.mean([len(r.tokens) for r in responses])),
+            f"eval/{name}/truncated_frac": float(np.mean([r.finish == "length" for r in responses])),
             f"eval/{name}/samples": float(len(responses)),
             f"eval/{name}/time": time.perf_counter() - start,
         }
 
-
-async def gather_all(coros: Iterable[Awaitable[T]]) -> list[T]:
-    """Results in order; on the first failure the others are cancelled and that failure is raised."""
-    try:
-        async with asyncio.TaskGroup() as group:
-            tasks = [group.create_task(c) for c in coros]
-    except ExceptionGroup as eg:
-        raise eg.exceptions[0] from eg
-    return [t.result() for t in tasks]
-
-
-class ProducerActor:
-    """Ray actor (threaded; max_concurrency >= 3) running a Producer on a uvloop event loop thread."""
-
-    def __init__(
-        self,
-        rollout: RolloutConfig,
-        evaluation: EvalConfig,
-        tokenizer_path: str,
-        prompts: list[Prompt],
-        eval_sets: dict[str, list[Prompt]],
-        engines: list[Any],
-        buffer_address: str,
-    ) -> None:
-        self._loop = uvloop.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, name="producer-loop", daemon=True)
-        self._thread.start()
-        tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
-        self._rewards = RewardPool(rollout.rm_type, rollout.custom_rm_path, rollout.reward_workers)
-
-        async def build() -> Producer:
-            clients: list[InferenceEngine] = [RayEngineClient(e) for e in engines]
-            sink = ZmqSampleSink(buffer_address)
-            return Producer(rollout, evaluation, tokenizer, prompts, eval_sets, clients, sink, self._rewards)
-
-        self.producer: Producer = self._call(build())
-
-    def _call(self, coro: Coroutine) -> Any:
-        return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
-
-    def num_prompts(self) -> int:
-        return len(self.producer.prompts)
-
-    def run(self, total_groups: int) -> dict[str, int]:
-        return self._call(self.producer.run(total_groups))
-
-    def set_version(self, version: int) -> None:
-        self._loop.call_soon_threadsafe(self.producer.set_version, version)
-
-    def evaluate(self, name: str) -> dict[str, float]:
-        return self._call(self.producer.evaluate(name))
-
-    def close(self) -> None:
-        async def close_sink() -> None:
-            self.producer.sink.close()
-
-        self._call(close_sink())
-        self._rewards.close()
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(timeout=5)
+    def stats(self) -> dict[str, float]:
+        out = {f"producer/{k}": float(v) for k, v in sorted(self.counts.items())}
+        out.update({f"producer/dropped_{k}": float(v) for k, v in sorted(self.scheduler.dropped.items())})
+        out["producer/capacity_wait_s"] = self.capacity_wait_s
+        out["producer/running_groups"] = float(len(self.scheduler.running))
+        return out

@@ -10,11 +10,14 @@ reward and the response.
 from __future__ import annotations
 
 import asyncio
+import functools
 import importlib
 import math
 import multiprocessing
+import re
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
+from decimal import Decimal
 from typing import Any
 
 from engine.errors import ConfigError, EngineError
@@ -26,13 +29,29 @@ class RewardError(EngineError):
     """A reward function failed or returned something that is not a finite number."""
 
 
+@functools.lru_cache(maxsize=65536)
+def _parse_label(label: str) -> list:
+    from math_verify import parse
+
+    return parse(label)
+
+
+_PLAIN_NUMBER = re.compile(r"\s*-?\d+(?:\.\d+)?\s*")
+
+
 def math_reward(response: str, label: str | None, metadata: dict) -> float:
-    """1.0 when math-verify finds the response's final answer equal to the label, else 0.0."""
+    """1.0 when math-verify finds the response's final answer equal to the label, else 0.0.
+
+    When label and response are both plain decimal numbers, they are compared as numbers directly
+    (the answer math-verify gives for them, without its parser's cost).
+    """
     from math_verify import parse, verify
 
     if label is None:
         raise RewardError("the math reward needs a label (set rollout.label_key)")
-    gold = parse(label)
+    if _PLAIN_NUMBER.fullmatch(label) and _PLAIN_NUMBER.fullmatch(response):
+        return 1.0 if Decimal(label.strip()) == Decimal(response.strip()) else 0.0
+    gold = _parse_label(label)
     pred = parse(response)
     if not gold or not pred:
         return 0.0
@@ -99,9 +118,9 @@ def _init_worker(rm_type: str, custom_rm_path: str | None) -> None:
     _worker_fn = resolve_reward(rm_type, custom_rm_path)
 
 
-def _score_in_worker(response: str, label: str | None, metadata: dict) -> float:
+def _score_in_worker(responses: list[str], label: str | None, metadata: dict) -> list[float]:
     assert _worker_fn is not None
-    return checked(_worker_fn(response, label, metadata), response)
+    return [checked(_worker_fn(r, label, metadata), r) for r in responses]
 
 
 class RewardPool:
@@ -117,14 +136,15 @@ class RewardPool:
             initargs=(rm_type, custom_rm_path),
         )
 
-    async def score(self, response: str, label: str | None, metadata: dict) -> float:
+    async def score(self, responses: list[str], label: str | None, metadata: dict) -> list[float]:
+        """Scores of several responses to one prompt (one round trip to a worker)."""
         loop = asyncio.get_running_loop()
         try:
-            return await loop.run_in_executor(self._pool, _score_in_worker, response, label, metadata)
+            return await loop.run_in_executor(self._pool, _score_in_worker, responses, label, metadata)
         except RewardError:
             raise
         except Exception as e:
-            raise RewardError(f"reward {self.name!r} failed on response {response[:80]!r}: {e!r}") from e
+            raise RewardError(f"reward {self.name!r} failed on responses {responses[:2]!r}: {e!r}") from e
 
     def close(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)

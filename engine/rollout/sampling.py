@@ -39,10 +39,11 @@ def derive_seed(*parts: int) -> int:
     return int(h) >> 1
 
 
-def position_uniforms(seeds: np.ndarray, position: int) -> torch.Tensor:
+def position_uniforms(seeds: np.ndarray, positions: int | np.ndarray) -> torch.Tensor:
     """One uniform in (0, 1) per row from (seed, token position)."""
+    pos = np.asarray(positions, dtype=np.int64).astype(np.uint64)
     with np.errstate(over="ignore"):
-        h = mix64(np.asarray(seeds, dtype=np.uint64) + _GOLDEN * np.uint64(position + 1))
+        h = mix64(np.asarray(seeds, dtype=np.uint64) + _GOLDEN * (pos + np.uint64(1)))
     return torch.from_numpy(((h >> np.uint64(11)).astype(np.float64) + 0.5) / float(1 << 53))
 
 
