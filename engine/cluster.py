@@ -33,6 +33,9 @@ class ClusterConfig(Section, kw_only=True):
     learner_ranks: int = 1
     # torch intra-op threads in each engine and learner process; 0 means the machine's core count.
     torch_threads: int = 0
+    # Pin engine i to core i and learner rank r to core num_engines + r (modulo the cores): each keeps a
+    # core of its own (for benchmarks; the producer, buffer and controller float).
+    pin_cores: bool = False
 
     def check(self) -> None:
         self.positive("num_cpus", "learner_ranks")
@@ -40,6 +43,12 @@ class ClusterConfig(Section, kw_only=True):
 
     def threads(self) -> int:
         return self.torch_threads or (os.cpu_count() or 1)
+
+
+def pin_to_core(core: int | None) -> None:
+    """Run this process (all its threads) on one core; None leaves it free."""
+    if core is not None:
+        os.sched_setaffinity(0, {core % (os.cpu_count() or 1)})
 
 
 def actor_options(**extra: Any) -> dict[str, Any]:

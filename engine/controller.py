@@ -46,6 +46,7 @@ class Trainer:
         self.cfg, self.num_rollout, self.logger = config, num_rollout, logger
         self.prompts, self.eval_sets = prompts, eval_sets
         self.version = 0
+        self._pushed: Any = []  # the last push's completion (an ObjectRef once a push happened)
         self._actors: list[Any] = []
 
     def build(self) -> None:
@@ -61,7 +62,12 @@ class Trainer:
         engine_actor = ray.remote(EmbeddedEngineActor)
         self.engines = [
             engine_actor.options(**actor_options()).remote(
-                c.ckpt.load or c.ckpt.hf_checkpoint, c.inference, i, threads, c.model.overrides
+                c.ckpt.load or c.ckpt.hf_checkpoint,
+                c.inference,
+                i,
+                threads,
+                c.model.overrides,
+                i if c.cluster.pin_cores else None,
             )
             for i in range(c.inference.num_engines)
         ]
@@ -92,6 +98,7 @@ class Trainer:
             total_steps=self.num_rollout * c.rollout.num_steps_per_rollout,
             seed=c.seed,
             threads=threads,
+            first_core=c.inference.num_engines if c.cluster.pin_cores else None,
         )
         self.learner = LearnerGroup(c.cluster.learner_ranks, spec)
         self._actors += self.learner.workers
@@ -147,10 +154,9 @@ class Trainer:
             t2 = time.perf_counter()
             self.push_weights(step)
             t3 = time.perf_counter()
+            producer_stats = self.producer.stats.remote()
+            engine_stats = [e.stats.remote() for e in self.engines]
             metrics.update({f"train/{k}": v for k, v in mean_of(train_steps).items()})
-            metrics.update(ray.get(self.producer.stats.remote()))
-            engine_stats = ray.get([e.stats.remote() for e in self.engines])
-            metrics["engine/busy_s"] = sum(s["busy_s"] for s in engine_stats)
             metrics.update(
                 {
                     "time/rollout_wait": t1 - t0,
@@ -160,22 +166,33 @@ class Trainer:
                 }
             )
             if self.eval_due(step):
+                ray.get(self._pushed)
                 metrics.update(self.evaluate())
             if c.ckpt.save and (
                 (c.ckpt.save_interval and step % c.ckpt.save_interval == 0) or step == self.num_rollout
             ):
                 metrics["ckpt/path"] = self.learner.save_hf(str(Path(c.ckpt.save) / f"step_{step}"))
+            metrics.update(ray.get(producer_stats))
+            metrics["engine/busy_s"] = sum(s["busy_s"] for s in ray.get(engine_stats))
             metrics["time/step"] = time.perf_counter() - t0
             self.logger.log(step, metrics)
+        ray.get(self._pushed)
         ray.get(producer_run)
 
     def push_weights(self, version: int) -> None:
-        """Learner rank 0 -> every engine (through the object store), then tell the producer."""
+        """Learner rank 0 -> every engine (through the object store), then the producer learns the version.
+
+        Only the export blocks: the engines load the weights while the learner goes on with the next
+        batch. The producer's set_version takes the engines' acknowledgements as arguments, so Ray runs
+        it only once every engine holds the new version (the producer never admits work for a version
+        the engines do not have yet), and the next push first waits for this one to be complete.
+        """
         weights = self.learner.export_weights()
+        ray.get(self._pushed)
         mode = self.cfg.rollout.on_weight_update
-        ray.get([e.update_weights.remote(weights, version, mode) for e in self.engines])
+        applied = [e.update_weights.remote(weights, version, mode) for e in self.engines]
+        self._pushed = self.producer.set_version.remote(version, *applied)
         self.version = version
-        ray.get(self.producer.set_version.remote(version))
 
     def close(self) -> None:
         """Orderly end of a finished run: flush and close the producer and the buffer (errors propagate)."""

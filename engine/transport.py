@@ -1,4 +1,5 @@
-"""The sample stream: producer -> buffer over ZeroMQ PUSH/PULL, one msgspec-encoded Sample per frame.
+"""The sample stream: producer -> buffer over ZeroMQ PUSH/PULL; a message is one or more samples (a
+group), one msgspec-encoded Sample per frame.
 
 The transport sits behind two small interfaces so another one (shared memory, a different socket) can
 replace it. Guarantees: frames are delivered in order per producer and are not dropped by ZeroMQ (PUSH
@@ -23,7 +24,8 @@ class SampleSink(abc.ABC):
     """Where a producer sends finished samples."""
 
     @abc.abstractmethod
-    async def send(self, sample: Sample) -> None: ...
+    async def send(self, samples: list[Sample]) -> None:
+        """Send samples as one message (all or nothing)."""
 
     @abc.abstractmethod
     def close(self) -> None: ...
@@ -35,8 +37,8 @@ class SampleSource(abc.ABC):
     address: str
 
     @abc.abstractmethod
-    def recv(self, timeout_ms: int) -> Sample | None:
-        """The next sample, None after timeout_ms without one; WireError for a bad frame."""
+    def recv(self, timeout_ms: int) -> list[Sample] | None:
+        """The next message's samples, None after timeout_ms without one; WireError if any frame is bad."""
 
     @abc.abstractmethod
     def close(self) -> None: ...
@@ -52,8 +54,8 @@ class ZmqSampleSink(SampleSink):
         self._sock.setsockopt(zmq.LINGER, LINGER_MS)
         self._sock.connect(address)
 
-    async def send(self, sample: Sample) -> None:
-        await self._sock.send(encode_sample(sample), copy=False)
+    async def send(self, samples: list[Sample]) -> None:
+        await self._sock.send_multipart([encode_sample(x) for x in samples], copy=False)
 
     def close(self) -> None:
         self._sock.close()
@@ -73,11 +75,10 @@ class ZmqSampleSource(SampleSource):
         self._poller = zmq.Poller()
         self._poller.register(self._sock, zmq.POLLIN)
 
-    def recv(self, timeout_ms: int) -> Sample | None:
+    def recv(self, timeout_ms: int) -> list[Sample] | None:
         if not self._poller.poll(timeout_ms):
             return None
-        frame = self._sock.recv(copy=False)
-        return decode_sample(frame.buffer)
+        return [decode_sample(frame.buffer) for frame in self._sock.recv_multipart(copy=False)]
 
     def close(self) -> None:
         self._sock.close()

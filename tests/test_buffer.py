@@ -128,8 +128,8 @@ def test_buffer_actor_over_zeromq_survives_garbage() -> None:
             sink = ZmqSampleSink(buffer.address())
             for g in (1, 0):
                 for i in (1, 0):
-                    await sink.send(sample(group_id=g, index=i, group_size=2, reward=float(g), batch=0))
-            await sink.send(sample(group_id=7, batch=-1))
+                    await sink.send([sample(group_id=g, index=i, group_size=2, reward=float(g), batch=0)])
+            await sink.send([sample(group_id=7, batch=-1)])
             sink.close()
 
         asyncio.run(push())

@@ -109,18 +109,21 @@ class BufferActor:
     def _receive_loop(self) -> None:
         while not self._stop.is_set():
             try:
-                sample = self._source.recv(timeout_ms=100)
+                samples = self._source.recv(timeout_ms=100)
             except WireError as e:
                 self.invalid["undecodable"] += 1
-                log.warning("buffer: rejected a frame: %s", e)
+                log.warning("buffer: rejected a message: %s", e)
                 continue
-            if sample is None:
+            if samples is None:
                 continue
             with self._cond:
-                self.received += 1
-                reason = self._buffer.add(sample)
-                if reason is not None:
-                    log.warning("buffer: rejected sample %d/%d: %s", sample.group_id, sample.index, reason)
+                for sample in samples:
+                    self.received += 1
+                    reason = self._buffer.add(sample)
+                    if reason is not None:
+                        log.warning(
+                            "buffer: rejected sample %d/%d: %s", sample.group_id, sample.index, reason
+                        )
                 self._cond.notify_all()
 
     def _wait(self, ready: Any, timeout_s: float | None, what: str) -> None:

@@ -182,3 +182,4 @@ class LearnerSpec(msgspec.Struct, frozen=True, kw_only=True):
     total_steps: int  # optimizer steps of the run (the learning-rate schedule's length)
     seed: int
     threads: int
+    first_core: int | None = None  # pin rank r to core first_core + r (None: no pinning)

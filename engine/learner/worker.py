@@ -21,6 +21,7 @@ from megatron.core import parallel_state as mpu
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.tensor_parallel import param_is_not_tensor_parallel_duplicate
 
+from engine.cluster import pin_to_core
 from engine.hf_config import load_hf_config, torch_dtype
 from engine.learner import hf_bridge
 from engine.learner.batching import MicroBatch, chunk, make_micro_batch, split_rollout
@@ -45,6 +46,7 @@ class LearnerWorker:
     """A Ray actor per rank (created with `ray.remote(LearnerWorker).options(...)`)."""
 
     def __init__(self, *, rank: int, world_size: int, master: str, spec: LearnerSpec) -> None:
+        pin_to_core(None if spec.first_core is None else spec.first_core + rank)
         torch.set_num_threads(spec.threads)
         torch.manual_seed(spec.seed)
         self.rank, self.world_size = rank, world_size

@@ -22,6 +22,7 @@ from typing import Any, Literal
 
 import torch
 
+from engine.cluster import pin_to_core
 from engine.rollout.config import InferenceConfig
 from engine.rollout.hf_engine import DecodeBatch, HFEngine
 from engine.wire import GenerateRequest, GenerateResult
@@ -62,8 +63,15 @@ class EmbeddedEngineActor:
     """Ray actor hosting one HFEngine (created with `ray.remote(EmbeddedEngineActor).options(...)`)."""
 
     def __init__(
-        self, model_path: str, cfg: InferenceConfig, index: int, threads: int, overrides: dict[str, Any]
+        self,
+        model_path: str,
+        cfg: InferenceConfig,
+        index: int,
+        threads: int,
+        overrides: dict[str, Any],
+        core: int | None = None,
     ) -> None:
+        pin_to_core(core)
         torch.set_num_threads(threads)
         self.cfg = cfg
         self.index = index

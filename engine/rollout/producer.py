@@ -266,9 +266,8 @@ class Producer:
                 if keep:  # no room left in its window: the batch filled while it ran
                     self.counts["dropped_surplus_finished"] += 1
                 return
-            for i in range(len(group.responses)):
-                await self.sink.send(self._sample(group, i, batch))
-                self.counts["samples_sent"] += 1
+            await self.sink.send([self._sample(group, i, batch) for i in range(len(group.responses))])
+            self.counts["samples_sent"] += len(group.responses)
         finally:
             self._groups.pop(group.seq, None)
             await self._abort_surplus()
@@ -279,9 +278,8 @@ class Producer:
         if self.partials is None:
             self.counts["dropped_surplus"] += 1
             return
-        for i in range(len(group.responses)):
-            await self.partials.sink.send(self._sample(group, i, batch=-1))
-            self.counts["partial_samples_sent"] += 1
+        await self.partials.sink.send([self._sample(group, i, batch=-1) for i in range(len(group.responses))])
+        self.counts["partial_samples_sent"] += len(group.responses)
         self.partials.sent += 1
         self.counts["partials_cached"] += 1
 

@@ -73,7 +73,10 @@ class ProducerActor:
     def run(self) -> dict[str, int]:
         return self._call(self.producer.run())
 
-    def set_version(self, version: int) -> None:
+    def set_version(self, version: int, *applied: int) -> None:
+        """The engines hold `version` (`applied`: their acknowledgements, resolved by Ray first)."""
+        if any(v != version for v in applied):
+            raise RuntimeError(f"engines report versions {applied}, expected {version}")
         self._call(self.producer.set_version(version))
 
     def evaluate(self, name: str) -> dict[str, float]:
