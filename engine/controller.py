@@ -17,6 +17,7 @@ v; every step's batch comes whole from the buffer; a failure in any actor ends t
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 from typing import Any
@@ -177,7 +178,26 @@ class Trainer:
             metrics["time/step"] = time.perf_counter() - t0
             self.logger.log(step, metrics)
         ray.get(self._pushed)
-        ray.get(producer_run)
+        self.write_ledger(ray.get(producer_run))
+
+    def write_ledger(self, producer: dict[str, Any]) -> None:
+        """ledger.json in the run directory: the producer's account of every group and sample, next to
+        the buffer's own counts once it has received everything the producer sent."""
+        sent = producer["samples_sent"] + producer["partial_samples_sent"]
+        buffer = ray.get(self.buffer.stats.remote())
+        while buffer["received"] < sent and not buffer["invalid_frames"]:  # the last messages in flight
+            time.sleep(0.05)
+            buffer = ray.get(self.buffer.stats.remote())
+        c = self.cfg.rollout
+        ledger = {
+            "producer": producer,
+            "buffer": buffer,
+            "trained": {
+                "batches": self.num_rollout,
+                "samples": self.num_rollout * c.batch_size * c.n_samples_per_prompt,
+            },
+        }
+        (self.logger.path.parent / "ledger.json").write_text(json.dumps(ledger, indent=2))
 
     def push_weights(self, version: int) -> None:
         """Learner rank 0 -> every engine (through the object store), then the producer learns the version.

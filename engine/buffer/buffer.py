@@ -44,6 +44,9 @@ def rollout_stats(samples: list[Sample]) -> dict[str, Any]:
     lengths = np.array([x.response_len for x in samples], dtype=np.float64)
     statuses = Counter(x.status for x in samples)
     n = max(len(samples), 1)
+    by_group: dict[int, list[float]] = {}
+    for x in samples:
+        by_group.setdefault(x.group_id, []).append(x.reward)
     return {
         "rollout/reward_mean": float(rewards.mean()),
         "rollout/reward_std": float(rewards.std()),
@@ -55,6 +58,7 @@ def rollout_stats(samples: list[Sample]) -> dict[str, Any]:
         "rollout/truncated_frac": statuses["truncated"] / n,
         "rollout/aborted_frac": statuses["aborted"] / n,
         "rollout/samples": float(len(samples)),
+        "rollout/zero_std_groups": float(sum(1 for r in by_group.values() if np.std(r) == 0)),
         "rollout/batch_digest": batch_digest(samples),
     }
 

@@ -13,6 +13,7 @@ It runs on uvloop in its own thread inside a Ray actor (engine/rollout/producer_
 
 from __future__ import annotations
 
+import abc
 import asyncio
 import itertools
 import time
@@ -73,12 +74,28 @@ async def gather_all(coros: Iterable[Awaitable[T]]) -> list[T]:
     return [t.result() for t in tasks]
 
 
-class PartialStore:
-    """Where partial groups wait (the buffer actor): send them as samples, take them back."""
+class PartialStore(abc.ABC):
+    """Where partial groups wait between rounds (the buffer): put a group's samples, take groups back."""
+
+    def __init__(self, sink: SampleSink) -> None:
+        self.sink = sink
+        self.sent = 0
+
+    async def put(self, samples: list[Sample]) -> None:
+        await self.sink.send(samples)
+        self.sent += 1
+
+    @abc.abstractmethod
+    async def take(self, n: int) -> list[list[Sample]]:
+        """Up to n cached groups, once every group put so far has arrived."""
+
+
+class RayPartialStore(PartialStore):
+    """The buffer actor's partial-rollout cache, fed through the sample stream."""
 
     def __init__(self, sink: SampleSink, buffer: Any) -> None:
-        self.sink, self.buffer = sink, buffer
-        self.sent = 0
+        super().__init__(sink)
+        self.buffer = buffer
 
     async def take(self, n: int) -> list[list[Sample]]:
         return await self.buffer.take_partials.remote(n, self.sent)
@@ -212,10 +229,27 @@ class Producer:
                     self.capacity_wait_s += time.perf_counter() - t0
         except ExceptionGroup as eg:
             raise eg.exceptions[0] from eg
-        self.counts["partials_left"] = (
-            self.counts["partials_cached"] - self.counts["partials_taken"] + len(self._held)
-        )
-        return dict(self.counts)
+        return self.ledger()
+
+    def ledger(self) -> dict[str, Any]:
+        """Where every started group ended (call when run() returned: nothing is running then)."""
+        c = self.counts
+        return {
+            "groups_started": c["groups_started"],
+            "groups_assigned": sum(self.scheduler.filled),
+            "groups_filtered": dict(self.scheduler.dropped),
+            "groups_kept_by_fallback": c["kept_by_fallback"],
+            "surplus_cached": c["partials_cached"],
+            "surplus_dropped": c["dropped_surplus"],
+            "surplus_finished_dropped": c["dropped_surplus_finished"],
+            "partials_resumed": c["partials_resumed"],
+            "partials_too_stale": c["dropped_partial_too_stale"],
+            "partials_held": len(self._held),
+            "partials_taken": c["partials_taken"],
+            "samples_sent": c["samples_sent"],
+            "partial_samples_sent": c["partial_samples_sent"],
+            "inflight_resumes": c["inflight_resumes"],
+        }
 
     async def _admit_next(self) -> Group | None:
         if len(self.scheduler.running) >= self._max_groups or self.scheduler.capacity() <= 0:
@@ -278,9 +312,8 @@ class Producer:
         if self.partials is None:
             self.counts["dropped_surplus"] += 1
             return
-        await self.partials.sink.send([self._sample(group, i, batch=-1) for i in range(len(group.responses))])
+        await self.partials.put([self._sample(group, i, batch=-1) for i in range(len(group.responses))])
         self.counts["partial_samples_sent"] += len(group.responses)
-        self.partials.sent += 1
         self.counts["partials_cached"] += 1
 
     async def _decode(
@@ -319,8 +352,8 @@ class Producer:
                 r.mask += [1] * len(result.token_ids)
                 if result.finish_reason != "abort":
                     r.finish = result.finish_reason
-                elif group is not None and not self._surplus(group):
-                    self.counts["inflight_resumes"] += 1
+                elif group is None or not self._surplus(group):
+                    self.counts["inflight_resumes"] += 1  # cut by a weight update: resumed next round
 
     async def _score(self, prompt: Prompt, responses: list[Response]) -> None:
         for r in responses:
@@ -385,6 +418,7 @@ class Producer:
     def stats(self) -> dict[str, float]:
         out = {f"producer/{k}": float(v) for k, v in sorted(self.counts.items())}
         out.update({f"producer/dropped_{k}": float(v) for k, v in sorted(self.scheduler.dropped.items())})
+        out["producer/groups_assigned"] = float(sum(self.scheduler.filled))
         out["producer/capacity_wait_s"] = self.capacity_wait_s
         out["producer/running_groups"] = float(len(self.scheduler.running))
         return out

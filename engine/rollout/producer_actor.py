@@ -17,7 +17,7 @@ import uvloop
 from engine.rollout.config import EvalConfig, RolloutConfig
 from engine.rollout.data import Prompt
 from engine.rollout.engines import InferenceEngine, RayEngineClient
-from engine.rollout.producer import PartialStore, Producer
+from engine.rollout.producer import Producer, RayPartialStore
 from engine.rollout.rewards import RewardPool
 from engine.transport import ZmqSampleSink
 
@@ -47,7 +47,7 @@ class ProducerActor:
 
         async def build() -> Producer:
             sink = ZmqSampleSink(buffer_address)
-            partials = PartialStore(sink, buffer) if rollout.partial_rollout else None
+            partials = RayPartialStore(sink, buffer) if rollout.partial_rollout else None
             clients: list[InferenceEngine] = [RayEngineClient(e) for e in engines]
             return Producer(
                 rollout,
