@@ -33,8 +33,8 @@ class ClusterConfig(Section, kw_only=True):
     learner_ranks: int = 1
     # torch intra-op threads in each engine and learner process; 0 means the machine's core count.
     torch_threads: int = 0
-    # Pin engine i to core i and learner rank r to core num_engines + r (modulo the cores): each keeps a
-    # core of its own (for benchmarks; the producer, buffer and controller float).
+    # Pin engine i to core i and learner rank r to core num_engines + r (modulo the cores), so neither
+    # migrates between cores (for benchmarks; the producer, buffer and controller float).
     pin_cores: bool = False
 
     def check(self) -> None:

@@ -10,13 +10,14 @@ to a valid Sample is reported to the caller as a WireError, never passed on.
 from __future__ import annotations
 
 import abc
+import asyncio
 
 import zmq
-import zmq.asyncio
 
 from engine.wire import Sample, decode_sample, encode_sample
 
 DEFAULT_HWM = 10_000
+BACKPRESSURE_POLL_S = 0.001
 LINGER_MS = 5_000
 
 
@@ -45,17 +46,30 @@ class SampleSource(abc.ABC):
 
 
 class ZmqSampleSink(SampleSink):
-    """An asyncio PUSH socket connected to the buffer (create it inside the event loop that uses it)."""
+    """A PUSH socket connected to the buffer, used from an asyncio event loop.
+
+    A send goes straight to ZeroMQ's queue without blocking; only when the queue is at its high-water
+    mark (the buffer is behind) does the coroutine wait, polling, until there is room again. Nothing is
+    dropped and the event loop never blocks.
+    """
 
     def __init__(self, address: str, hwm: int = DEFAULT_HWM) -> None:
-        self._ctx = zmq.asyncio.Context()
+        self._ctx = zmq.Context()
         self._sock = self._ctx.socket(zmq.PUSH)
         self._sock.setsockopt(zmq.SNDHWM, hwm)
         self._sock.setsockopt(zmq.LINGER, LINGER_MS)
         self._sock.connect(address)
+        self.backpressure_waits = 0
 
     async def send(self, samples: list[Sample]) -> None:
-        await self._sock.send_multipart([encode_sample(x) for x in samples], copy=False)
+        frames = [encode_sample(x) for x in samples]
+        while True:
+            try:
+                self._sock.send_multipart(frames, flags=zmq.NOBLOCK, copy=False)
+                return
+            except zmq.Again:
+                self.backpressure_waits += 1
+                await asyncio.sleep(BACKPRESSURE_POLL_S)
 
     def close(self) -> None:
         self._sock.close()
@@ -76,9 +90,13 @@ class ZmqSampleSource(SampleSource):
         self._poller.register(self._sock, zmq.POLLIN)
 
     def recv(self, timeout_ms: int) -> list[Sample] | None:
-        if not self._poller.poll(timeout_ms):
-            return None
-        return [decode_sample(frame.buffer) for frame in self._sock.recv_multipart(copy=False)]
+        try:  # a message is usually waiting: take it without a poll
+            frames = self._sock.recv_multipart(flags=zmq.NOBLOCK)
+        except zmq.Again:
+            if not self._poller.poll(timeout_ms):
+                return None
+            frames = self._sock.recv_multipart()
+        return [decode_sample(frame) for frame in frames]
 
     def close(self) -> None:
         self._sock.close()

@@ -8,6 +8,7 @@ a well-formed Sample of this schema version fails to decode with a WireError.
 
 from __future__ import annotations
 
+import math
 from typing import Any, Literal
 
 import msgspec
@@ -110,31 +111,36 @@ class Sample(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, tag="samp
         return len(self.response_ids) // TOKEN_DTYPE.itemsize
 
     def validate(self) -> None:
-        """Raise WireError unless buffer sizes agree with each other and with the group fields."""
-        for name, buf, dtype in (
-            ("prompt_ids", self.prompt_ids, TOKEN_DTYPE),
-            ("response_ids", self.response_ids, TOKEN_DTYPE),
-            ("rollout_logprobs", self.rollout_logprobs, LOGPROB_DTYPE),
-            ("versions", self.versions, VERSION_DTYPE),
+        """Raise WireError unless buffer sizes agree with each other and with the group fields.
+
+        Plain integer arithmetic on buffer lengths: this runs for every sample the buffer receives."""
+        n4 = len(self.response_ids)
+        if (
+            len(self.prompt_ids) % 4
+            or n4 % 4
+            or len(self.rollout_logprobs) != n4
+            or len(self.versions) != n4
+            or len(self.loss_mask) * 4 != n4
+            or not 0 <= self.index < self.group_size
+            or not math.isfinite(self.reward)
         ):
-            if len(buf) % dtype.itemsize:
-                raise WireError(
-                    f"sample {self.group_id}/{self.index}: {name} is not a whole number of {dtype}"
-                )
-        n = self.response_len
-        for name, got in (
-            ("rollout_logprobs", len(self.logprob_array)),
-            ("versions", len(self.version_array)),
-            ("loss_mask", len(self.mask_array)),
+            raise WireError(self._problem())
+
+    def _problem(self) -> str:
+        where = f"sample {self.group_id}/{self.index}"
+        if len(self.prompt_ids) % 4 or len(self.response_ids) % 4:
+            return f"{where}: token ids are not a whole number of int32"
+        n = len(self.response_ids) // 4
+        for name, size, width in (
+            ("rollout_logprobs", len(self.rollout_logprobs), 4),
+            ("versions", len(self.versions), 4),
+            ("loss_mask", len(self.loss_mask), 1),
         ):
-            if got != n:
-                raise WireError(
-                    f"sample {self.group_id}/{self.index}: {name} has {got} entries, response has {n}"
-                )
+            if size != n * width:
+                return f"{where}: {name} has {size / width:g} entries, response has {n}"
         if not 0 <= self.index < self.group_size:
-            raise WireError(f"sample {self.group_id}/{self.index}: index outside group of {self.group_size}")
-        if not np.isfinite(self.reward):
-            raise WireError(f"sample {self.group_id}/{self.index}: reward {self.reward} is not finite")
+            return f"{where}: index outside group of {self.group_size}"
+        return f"{where}: reward {self.reward} is not finite"
 
 
 _encoder = msgspec.msgpack.Encoder()

@@ -13,7 +13,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from engine.buffer.groups import BatchBuffer
 from engine.rollout.scheduler import BatchScheduler
+from engine.wire import Sample
+from tests.helpers import sample
 
 
 class Sim:
@@ -188,3 +191,129 @@ def test_a_group_is_never_placed_after_its_window() -> None:
     assert s.finish(g0) == 0
     assert s.finish(g1) is None and s.groups[g1].state == "surplus"
     assert s.surplus() == [g2]
+
+
+class PipelineSim:
+    """Admission control and the buffer together: finished groups become samples (token versions
+    anywhere between the group's start and its end) that reach the buffer in a random order."""
+
+    def __init__(self, B: int, k: int, N: int, over: int, n: int, rng) -> None:
+        self.s = BatchScheduler(B, k, N, over)
+        self.buf = BatchBuffer(B)
+        self.B, self.k, self.N, self.n, self.rng = B, k, N, n, rng
+        self.start: dict[int, int] = {}
+        self.in_flight: list[Sample] = []
+        self.counted: dict[int, str] = {}  # group -> reason it is not trained
+        self.trained: dict[int, int] = {}  # group -> batch it was trained in
+        self.sent: dict[int, int] = {}  # group -> assigned batch
+
+    def admit(self) -> bool:
+        if self.s.capacity() <= 0:
+            return False
+        seq = self.s.admit()
+        self.start[seq] = self.s.version
+        return True
+
+    def finish(self, pick: int, keep: bool) -> bool:
+        if not self.s.running:
+            return False
+        seq = sorted(self.s.running)[pick % len(self.s.running)]
+        surplus = self.s.running[seq].state == "surplus"
+        batch = self.s.finish(seq, keep=keep, reason="zero_std")
+        if batch is None:
+            self.counted[seq] = "surplus" if surplus or keep else "zero_std"
+        else:
+            self.sent[seq] = batch
+            for i in range(self.n):
+                versions = [self.rng.randint(self.start[seq], self.s.version) for _ in range(3)]
+                self.in_flight.append(
+                    sample(group_id=seq, index=i, group_size=self.n, batch=batch, versions=versions)
+                )
+        return True
+
+    def mark_surplus(self) -> bool:
+        """The producer marks (and aborts) surplus groups after its other work: any delay is possible."""
+        return bool(self.s.surplus())
+
+    def abort(self, pick: int) -> bool:
+        live = [q for q, g in self.s.running.items() if g.state == "running"]
+        if not live:
+            return False
+        seq = live[pick % len(live)]
+        self.s.abort_running(seq, "engine_failed")
+        self.counted[seq] = "engine_failed"
+        return True
+
+    def deliver(self, pick: int) -> bool:
+        if not self.in_flight:
+            return False
+        assert self.buf.add(self.in_flight.pop(pick % len(self.in_flight))) is None
+        return True
+
+    def consume(self) -> bool:
+        v = self.s.version
+        if v >= self.N or not self.buf.ready(v):
+            return False
+        assert self.s.batch_full(v)
+        batch = self.buf.pop(v)
+        groups = {x.group_id for x in batch}
+        assert len(batch) == self.B * self.n and len(groups) == self.B  # whole groups, B of them
+        for x in batch:
+            assert v - int(x.version_array.min()) <= self.k, "a trained token is too stale"
+            assert x.group_id not in self.trained or self.trained[x.group_id] == v
+            self.trained[x.group_id] = v
+        self.s.set_version(v + 1)
+        return True
+
+    def drain(self) -> None:
+        for _ in range(100_000):
+            if self.s.version >= self.N and not self.s.running and not self.in_flight:
+                return
+            if (
+                self.deliver(0)
+                or self.consume()
+                or self.admit()
+                or self.mark_surplus()
+                or self.finish(0, keep=True)
+            ):
+                continue
+            raise AssertionError("stuck")
+        raise AssertionError("did not finish")
+
+
+@settings(max_examples=600, deadline=None)
+@given(
+    st.tuples(st.integers(1, 3), st.integers(0, 3), st.integers(1, 5), st.integers(0, 3), st.integers(1, 3)),
+    st.lists(
+        st.tuples(
+            st.sampled_from(["admit", "finish", "abort", "deliver", "consume"]),
+            st.integers(0, 99),
+            st.booleans(),
+        ),
+        min_size=10,
+        max_size=200,
+    ),
+    st.randoms(use_true_random=False),
+)
+def test_admission_and_buffer_under_random_arrivals_aborts_and_version_bumps(size, actions, rng) -> None:
+    B, k, N, extra, n = size
+    sim = PipelineSim(B, k, N, B + extra, n, rng)
+    for action, pick, keep in actions:
+        if action == "admit":
+            sim.admit()
+        elif action == "finish":
+            sim.finish(pick, keep)
+        elif action == "abort":
+            sim.abort(pick)
+        elif action == "deliver":
+            sim.deliver(pick)
+        elif action == "mark":
+            sim.mark_surplus()
+        else:
+            sim.consume()
+    sim.drain()
+    # every finished group is trained in exactly its assigned batch, or counted once under a reason
+    assert set(sim.trained) == set(sim.sent) and all(sim.trained[g] == b for g, b in sim.sent.items())
+    assert not set(sim.trained) & set(sim.counted)
+    assert sorted(set(sim.trained) | set(sim.counted)) == sorted(sim.start)
+    assert sim.s.dropped["engine_failed"] == sum(1 for r in sim.counted.values() if r == "engine_failed")
