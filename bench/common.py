@@ -45,13 +45,20 @@ def hardware() -> dict[str, Any]:
     }
 
 
+def command() -> str:
+    """The command line that reproduces a result, as run from the repository root."""
+    script = Path(sys.argv[0])
+    head = f"python -m bench.{script.stem}" if script.parent == RESULTS.parent else sys.argv[0]
+    return " ".join([head, *sys.argv[1:]])
+
+
 def write(name: str, payload: dict[str, Any], table: str) -> Path:
     """bench/results/<name>.json (with hardware and command) and <name>.md (the table)."""
     RESULTS.mkdir(parents=True, exist_ok=True)
     record = {
         "benchmark": name,
         "date": time.strftime("%Y-%m-%d"),
-        "command": " ".join(sys.argv),
+        "command": command(),
         "hardware": hardware(),
         **payload,
     }

@@ -5,8 +5,8 @@ correction in the grid, with engine and learner on one thread each so that gener
 training and samples really are k versions old. Corrections: none (stale samples treated as on-policy),
 tis (token-level truncated importance sampling, w = min(exp(old - rollout), 2)), mask (token-level
 IcePop-style masking of tokens whose ratio leaves [0.5, 2]). Writes to bench/results:
-offpolicy_cpu.png (training reward and held-out accuracy against step), offpolicy_cpu.md (final
-accuracy table) and offpolicy_cpu.json (the raw per-step metrics of every run).
+offpolicy_cpu.png (training reward and held-out accuracy against step, final accuracy against k),
+offpolicy_cpu.md (final accuracy table) and offpolicy_cpu.json (the raw per-step metrics of every run).
 
     python -m bench.offpolicy            # k in {0, 2, 8} x {none, tis}
     python -m bench.offpolicy --full     # k in {0, 1, 2, 4, 8} x {none, tis, mask}
@@ -66,13 +66,17 @@ def smooth(values: list[float], width: int = 9) -> list[float]:
     return out
 
 
+def step(row: dict) -> int:
+    return row["step"]
+
+
 def plot(runs: dict[str, list[dict]], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
+    fig, (left, right, final) = plt.subplots(1, 3, figsize=(17, 4.5))
     styles = {"none": "-", "tis": "--", "mask": ":"}
     ks = sorted({int(name.split("-")[0][1:]) for name in runs})
     colors = {k: plt.cm.viridis(i / max(1, len(ks) - 1)) for i, k in enumerate(ks)}
@@ -96,9 +100,29 @@ def plot(runs: dict[str, list[dict]], path: Path) -> None:
             color=colors[k],
             label=label,
         )
+    for correction in styles:
+        points = sorted(
+            (
+                int(name.split("-")[0][1:]),
+                max((r for r in rows if "eval/arithmetic/accuracy" in r), key=step)[
+                    "eval/arithmetic/accuracy"
+                ],
+            )
+            for name, rows in runs.items()
+            if name.split("-")[1] == correction
+        )
+        if points:
+            final.plot(*zip(*points), styles[correction], marker="o", color="black", label=correction)
+    final.set(
+        title="held-out accuracy at the last step",
+        xlabel="max_staleness k",
+        ylabel="accuracy",
+        xticks=ks,
+    )
+    final.legend(fontsize=8)
     left.set(title="training reward (moving average of 9 steps)", xlabel="step", ylabel="reward")
     right.set(title="held-out accuracy (200 prompts x 4 samples)", xlabel="step", ylabel="accuracy")
-    for ax in (left, right):
+    for ax in (left, right, final):
         ax.grid(alpha=0.3)
     right.legend(fontsize=8, ncols=2)
     fig.tight_layout()

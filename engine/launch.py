@@ -35,9 +35,34 @@ def resolve_builtin_paths(config: Config) -> Config:
         load=config.ckpt.load and resolve_path(config.ckpt.load),
     )
     rollout = msgspec.structs.replace(config.rollout, prompt_data=resolve_path(config.rollout.prompt_data))
-    datasets = {name: resolve_path(path) for name, path in config.eval.datasets.items()}
+    datasets = {}
+    for name, path in config.eval.datasets.items():
+        try:
+            datasets[name] = resolve_path(path)
+        except ConfigError as e:
+            raise ConfigError(e.message, section="eval", key=f"datasets.{name}") from None
     evaluation = msgspec.structs.replace(config.eval, datasets=datasets)
     return msgspec.structs.replace(config, ckpt=ckpt, rollout=rollout, eval=evaluation)
+
+
+def check_eval_datasets(config: Config) -> None:
+    """Every eval.datasets.<name> is an existing file (an error names the dataset before any loading)."""
+    for name, path in config.eval.datasets.items():
+        if not Path(path).is_file():
+            what = "is not a file" if Path(path).exists() else "does not exist"
+            raise ConfigError(f"{path!r} {what}", section="eval", key=f"datasets.{name}")
+
+
+def check_callable(path: str, section: str, key: str) -> None:
+    """An import path in the config must name something callable; the error names section and key."""
+    from engine.rollout.rewards import load_object
+
+    try:
+        fn = load_object(path)
+    except ConfigError as e:
+        raise ConfigError(e.message, section=section, key=key) from None
+    if not callable(fn):
+        raise ConfigError(f"{path!r} is not callable", section=section, key=key)
 
 
 def prepare(config_path: str, overrides: list[str]) -> tuple[Config, list, dict, int]:
@@ -51,9 +76,12 @@ def prepare(config_path: str, overrides: list[str]) -> tuple[Config, list, dict,
 
     config = load_config(config_path, overrides)
     config = resolve_builtin_paths(config)
+    check_eval_datasets(config)
     hf_config = load_hf_config(config.ckpt.hf_checkpoint, config.model.overrides)
     shape_of(hf_config, tp=config.perf.tensor_model_parallel_size)
     resolve_reward(config.rollout.rm_type, config.rollout.custom_rm_path)
+    if config.algo.custom_loss_function_path:
+        check_callable(config.algo.custom_loss_function_path, "algo", "custom_loss_function_path")
     try:
         tokenizer = AutoTokenizer.from_pretrained(config.ckpt.hf_checkpoint)
     except (OSError, ValueError) as e:

@@ -2,7 +2,8 @@
 
 Guarantee: each record is written and flushed as one line as soon as it is logged, so metrics.jsonl is
 readable while the run is going and complete up to the last finished step after a crash or Ctrl-C.
-On a terminal the progress is a bar with reward and accuracy; elsewhere it is one log line per step.
+On a terminal the progress is a bar with reward and accuracy (and each eval set's accuracy and pass@n);
+elsewhere it is one log line per step.
 """
 
 from __future__ import annotations
@@ -34,14 +35,19 @@ def mean_of(records: list[dict[str, float]]) -> dict[str, float]:
 
 
 def summary(metrics: dict[str, Any]) -> str:
+    """The progress line: training reward and accuracy, then each eval set's accuracy and pass@n."""
     parts = []
     if "rollout/reward_mean" in metrics:
         parts.append(f"reward {metrics['rollout/reward_mean']:.3f} acc {metrics['rollout/accuracy']:.3f}")
-    evals = [
-        f"{k.split('/')[1]} {v:.3f}"
-        for k, v in metrics.items()
-        if k.startswith("eval/") and k.endswith("/accuracy")
-    ]
+    evals = []
+    for key, value in metrics.items():
+        if key.startswith("eval/") and key.endswith("/accuracy"):
+            name = key.split("/")[1]
+            n = max(
+                (int(k.rsplit("@", 1)[1]) for k in metrics if k.startswith(f"eval/{name}/pass@")), default=1
+            )
+            at_n = f" pass@{n} {metrics[f'eval/{name}/pass@{n}']:.3f}" if n > 1 else ""
+            evals.append(f"{name} {value:.3f}{at_n}")
     if evals:
         parts.append("eval acc " + ", ".join(evals))
     return " | ".join(parts)

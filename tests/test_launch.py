@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import signal
@@ -48,17 +49,46 @@ def records(tmp_path: Path) -> list[dict]:
     return [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
 
 
+def eval_sets(tmp_path: Path) -> str:
+    """Two eval sets of 12 prompts each, cut from the built-in held-out prompts."""
+    from engine.tasks import resolve_path
+
+    lines = Path(resolve_path("builtin:arithmetic/eval.jsonl")).read_text().splitlines()
+    for name, part in (("first", lines[:12]), ("second", lines[12:24])):
+        (tmp_path / f"{name}.jsonl").write_text("\n".join(part) + "\n")
+    return f"eval.datasets={{first = '{tmp_path / 'first.jsonl'}', second = '{tmp_path / 'second.jsonl'}'}}"
+
+
 @pytest.mark.slow
 def test_two_step_run(tmp_path: Path) -> None:
     save = tmp_path / "ckpt"
     proc = launch(
-        tmp_path, *SMALL, "rollout.num_rollout=2", "eval.interval=1", f"ckpt.save={save}", "tensorboard=true"
+        tmp_path,
+        *SMALL,
+        "rollout.num_rollout=2",
+        "eval.interval=1",
+        eval_sets(tmp_path),
+        "eval.n_samples_per_eval_prompt=4",
+        "eval.max_response_len=3",  # [rollout] has 8
+        "eval.temperature=0.0",  # [rollout] has 1.0
+        f"ckpt.save={save}",
+        "tensorboard=true",
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert f"run directory: {tmp_path / 'run'}" in proc.stderr
     rows = records(tmp_path)
     assert [r["step"] for r in rows] == [0, 1, 2]
-    assert 0.0 <= rows[0]["eval/arithmetic/accuracy"] <= 1.0
+    for row in rows:  # eval at step 0, every step (interval 1) and at the end, for both sets
+        for name in ("first", "second"):
+            pass_at = [row[f"eval/{name}/pass@{k}"] for k in range(1, 5)]
+            assert f"eval/{name}/pass@5" not in row and row[f"eval/{name}/samples"] == 12 * 4
+            assert pass_at[0] == pytest.approx(row[f"eval/{name}/accuracy"], abs=1e-9)
+            assert all(a <= b + 1e-9 for a, b in itertools.pairwise(pass_at))
+            # greedy (eval.temperature 0): the 4 samples of a prompt agree, so pass@k is pass@1 for every k
+            assert pass_at == pytest.approx([pass_at[0]] * 4, abs=1e-9)
+            assert 0.0 < row[f"eval/{name}/response_len"] <= 3  # eval.max_response_len caps responses
+            assert 0.0 <= row[f"eval/{name}/reward"] <= 1.0
+    assert not any(k.startswith("eval/arithmetic/") for r in rows for k in r)
     first = rows[1]
     assert first["train/ppo_kl"] == 0.0
     assert first["rollout/samples"] == 16 and first["version"] == 1 and rows[2]["version"] == 2
@@ -72,7 +102,8 @@ def test_two_step_run(tmp_path: Path) -> None:
         "time/train",
         "time/weight_sync",
         "time/step",
-        "eval/arithmetic/accuracy",
+        "eval/first/accuracy",
+        "eval/second/pass@4",
     ):
         assert key in rows[2], key
     assert list((tmp_path / "run" / "tensorboard").glob("events.out.tfevents.*"))

@@ -28,10 +28,10 @@ from engine.wire import GenerateRequest, Sample, SamplingParams
 from tests.helpers import FAMILIES, make_checkpoint, prompt_ids
 
 
-def group(ckpt, *, ranks=1, tp=1, micro=4, algo=None, optimizer=None) -> LearnerGroup:
+def group(ckpt, *, ranks=1, tp=1, micro=4, algo=None, optimizer=None, ref=None) -> LearnerGroup:
     spec = LearnerSpec(
         model=ModelConfig(),
-        ckpt=CkptConfig(hf_checkpoint=str(ckpt)),
+        ckpt=CkptConfig(hf_checkpoint=str(ckpt), ref_load=ref and str(ref)),
         perf=PerfConfig(tensor_model_parallel_size=tp, micro_batch_size=micro),
         algo=algo or AlgoConfig(),
         optimizer=optimizer or OptimizerConfig(lr=1e-3),
@@ -213,3 +213,53 @@ def test_parallel_learner_matches_single_rank(
         assert metrics[key] == pytest.approx(ref_metrics[key], rel=1e-4, abs=1e-6), key
     for name, tensor in ref_weights.items():
         assert torch.allclose(weights[name], tensor, atol=1e-5), name
+
+
+ESTIMATORS = {
+    "grpo-kl-shaping": AlgoConfig(kl_coef=0.05),
+    "gspo": AlgoConfig(advantage_estimator="gspo", eps_clip=3e-4, eps_clip_high=4e-4),
+    "cispo": AlgoConfig(advantage_estimator="cispo", eps_clip_high=0.28),
+    "reinforce_plus_plus": AlgoConfig(advantage_estimator="reinforce_plus_plus", kl_coef=0.05, gamma=0.99),
+    "reinforce_plus_plus_baseline": AlgoConfig(advantage_estimator="reinforce_plus_plus_baseline"),
+    "ppo": AlgoConfig(advantage_estimator="ppo", kl_coef=0.05, lambd=0.9, critic_lr=0.1),
+    "sft": AlgoConfig(loss_type="sft"),
+    "custom": AlgoConfig(loss_type="custom_loss", custom_loss_function_path="tests.losses_custom:reinforce"),
+}
+# Estimators whose advantages need sums over data-parallel ranks (KL-shaped group rewards, whitening).
+CROSS_RANK = ("grpo-kl-shaping", "reinforce_plus_plus", "ppo")
+# At the first step of a rollout the ratio is exactly 1 and nothing is clipped, where GSPO's sequence
+# ratio, CISPO's clipped weight and vanilla policy gradient all have GRPO's gradient.
+SAME_AS_GRPO_ON_POLICY = ("gspo", "cispo", "custom")
+
+
+@pytest.fixture(scope="module")
+def ref_ckpt(tmp_path_factory):
+    """A reference model other than the actor, so that KL reward shaping has something to shape."""
+    return make_checkpoint(tmp_path_factory.mktemp("ref") / "qwen2", seed=3)
+
+
+@pytest.mark.parametrize("name", list(ESTIMATORS))
+def test_every_estimator_and_loss_type_trains(
+    ray_local, tiny_ckpt, ref_ckpt, samples, reference_step, name
+) -> None:
+    """One step with each estimator / loss type: finite metrics, GRPO's update where theory says so and a
+    different one elsewhere; where advantages need cross-rank sums, data parallelism gives the same step."""
+    algo = ESTIMATORS[name]
+    ref = ref_ckpt if algo.needs_reference else None
+    _, metrics, weights = _train_once(tiny_ckpt, samples, algo=algo, ref=ref)
+    assert all(np.isfinite(v) for v in metrics.values()), metrics
+    ref_weights = reference_step[2]
+    same = all(torch.allclose(weights[k], ref_weights[k], atol=1e-6) for k in weights)
+    assert same == (name in SAME_AS_GRPO_ON_POLICY)
+    if name == "ppo":
+        for key in ("value_loss", "vf_clipfrac", "values", "returns", "critic_grad_norm", "critic_lr"):
+            assert key in metrics, key
+        assert metrics["critic_lr"] == pytest.approx(0.1) and metrics["value_loss"] > 0
+    if name in ("reinforce_plus_plus", "ppo"):  # whitened over the rollout's tokens
+        assert metrics["advantages"] == pytest.approx(0.0, abs=1e-5)
+    if name in CROSS_RANK:
+        _, dp_metrics, dp_weights = _train_once(tiny_ckpt, samples, algo=algo, ref=ref, ranks=2)
+        for key in ("loss", "pg_loss", "grad_norm", "advantages"):
+            assert dp_metrics[key] == pytest.approx(metrics[key], rel=1e-4, abs=1e-6), key
+        for k, tensor in weights.items():
+            assert torch.allclose(dp_weights[k], tensor, atol=1e-5), k

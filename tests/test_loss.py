@@ -7,10 +7,10 @@ import math
 import pytest
 import torch
 
+from engine.learner.advantages import group_advantages
 from engine.learner.config import AlgoConfig
 from engine.learner.loss import (
     aggregate,
-    grpo_advantages,
     kl_estimate,
     policy_objective,
     ppo_clip_loss,
@@ -40,7 +40,7 @@ def test_token_logprobs_and_entropy() -> None:
 def test_grpo_advantages_by_hand() -> None:
     rewards = torch.tensor([1.0, 0.0, 0.0, 1.0, 0.5, 0.5, 0.5, 2.0])
     groups = torch.tensor([0, 0, 0, 0, 1, 1, 1, 1])
-    adv = grpo_advantages(rewards, groups)
+    adv = group_advantages(rewards, groups)
     first = [1.0, 0.0, 0.0, 1.0]
     std = math.sqrt(sum((r - 0.5) ** 2 for r in first) / 3)  # unbiased
     assert adv[:4].tolist() == pytest.approx([(r - 0.5) / (std + 1e-6) for r in first], rel=1e-5)
@@ -48,9 +48,9 @@ def test_grpo_advantages_by_hand() -> None:
     m = sum(second) / 4
     std2 = math.sqrt(sum((r - m) ** 2 for r in second) / 3)
     assert adv[4:].tolist() == pytest.approx([(r - m) / (std2 + 1e-6) for r in second], rel=1e-5)
-    flat = grpo_advantages(torch.ones(4), torch.zeros(4, dtype=torch.long))
+    flat = group_advantages(torch.ones(4), torch.zeros(4, dtype=torch.long))
     assert flat.tolist() == [0.0] * 4  # zero-variance groups carry no signal
-    unnormalised = grpo_advantages(rewards, groups, std_normalize=False)
+    unnormalised = group_advantages(rewards, groups, std_normalize=False)
     assert unnormalised[:4].tolist() == pytest.approx([0.5, -0.5, -0.5, 0.5])
 
 

@@ -20,11 +20,15 @@ class MicroBatch:
     tokens: torch.Tensor  # [b, s] long
     positions: torch.Tensor  # [b, s] long
     targets: torch.Tensor  # [b, s-1] long
-    mask: torch.Tensor  # [b, s-1] float
+    mask: torch.Tensor  # [b, s-1] float: tokens that count in the loss
+    span: torch.Tensor  # [b, s-1] float: every response position (the mask may leave some out)
     rollout_logp: torch.Tensor  # [b, s-1] float
-    advantages: torch.Tensor  # [b, s-1] float
+    index: torch.Tensor  # [b] long: each row's index in the rollout
+    advantages: torch.Tensor | None = None  # [b, s-1] float
     old_logp: torch.Tensor | None = None
     ref_logp: torch.Tensor | None = None
+    old_values: torch.Tensor | None = None  # the critic's, before this rollout's steps (ppo)
+    returns: torch.Tensor | None = None  # the critic's targets (ppo)
 
     def causal_mask(self) -> torch.Tensor:
         """Megatron's attention mask: True where attention is not allowed, [1, 1, s, s]."""
@@ -32,13 +36,14 @@ class MicroBatch:
         return torch.triu(torch.ones(s, s, dtype=torch.bool), diagonal=1)[None, None]
 
 
-def make_micro_batch(samples: list[Sample], advantages: list[float]) -> MicroBatch:
+def make_micro_batch(samples: list[Sample], indices: list[int]) -> MicroBatch:
+    """The padded tensors of samples (indices: their positions in the rollout); no advantages yet."""
     lengths = [len(x.prompt_array) + x.response_len for x in samples]
     b, s = len(samples), max(lengths)
     tokens = torch.zeros(b, s, dtype=torch.long)
     mask = torch.zeros(b, s - 1)
+    span = torch.zeros(b, s - 1)
     rollout = torch.zeros(b, s - 1)
-    adv = torch.zeros(b, s - 1)
     for i, x in enumerate(samples):
         prompt, response = (
             torch.from_numpy(x.prompt_array.astype("int64")),
@@ -47,12 +52,13 @@ def make_micro_batch(samples: list[Sample], advantages: list[float]) -> MicroBat
         p, r = len(prompt), len(response)
         tokens[i, :p] = prompt
         tokens[i, p : p + r] = response
-        span = slice(p - 1, p - 1 + r)
-        mask[i, span] = torch.from_numpy(x.mask_array.astype("float32"))
-        rollout[i, span] = torch.from_numpy(x.logprob_array.copy())
-        adv[i, span] = advantages[i]
+        cut = slice(p - 1, p - 1 + r)
+        mask[i, cut] = torch.from_numpy(x.mask_array.astype("float32"))
+        span[i, cut] = 1.0
+        rollout[i, cut] = torch.from_numpy(x.logprob_array.copy())
     positions = torch.arange(s).expand(b, s).contiguous()
-    return MicroBatch(tokens, positions, tokens[:, 1:], mask, rollout, adv)
+    index = torch.tensor(indices, dtype=torch.long)
+    return MicroBatch(tokens, positions, tokens[:, 1:], mask, span, rollout, index)
 
 
 def split_rollout(num_samples: int, num_steps: int, dp_rank: int, dp_size: int) -> list[list[int]]:

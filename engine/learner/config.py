@@ -77,18 +77,32 @@ class PerfConfig(Section, kw_only=True):
 
 
 class AlgoConfig(Section, kw_only=True):
-    """[algo]: the RL objective (slime's GRPO_ARGS group)."""
+    """[algo]: the RL objective (slime's GRPO_ARGS group; formulas in docs/algorithms.md)."""
 
     section_name = "algo"
 
-    advantage_estimator: Literal["grpo"] = "grpo"
+    advantage_estimator: Literal[
+        "grpo", "gspo", "cispo", "reinforce_plus_plus", "reinforce_plus_plus_baseline", "ppo"
+    ] = "grpo"
+    # Group estimators: subtract the group's mean reward, divide by its std.
+    rewards_normalization: bool = True
     grpo_std_normalization: bool = True
+    # Whiten advantages over the rollout's tokens (None: on for reinforce_plus_plus* and ppo, else off).
+    advantage_whitening: bool | None = None
+    gamma: float = 1.0
+    lambd: float = 0.95
+    # ppo's critic: a copy of the initial actor with a value head; its own learning rate (default: lr).
+    critic_lr: float | None = None
+    value_clip: float | None = 0.2
+    loss_type: Literal["policy_loss", "sft", "custom_loss"] = "policy_loss"
+    custom_loss_function_path: str | None = None
     eps_clip: float = 0.2
     eps_clip_high: float | None = None
     eps_clip_c: float | None = None
     use_kl_loss: bool = False
     kl_loss_coef: float = 0.0
     kl_loss_type: Literal["k1", "k2", "k3", "low_var_kl"] = "low_var_kl"
+    kl_coef: float = 0.0  # KL reward shaping (a penalty in the reward, not a loss term)
     entropy_coef: float = 0.0
     calculate_per_token_loss: bool = False
     use_tis: bool = False
@@ -98,7 +112,7 @@ class AlgoConfig(Section, kw_only=True):
     use_rollout_logprobs: bool = False
 
     def check(self) -> None:
-        self.positive("eps_clip", "eps_clip_high", "tis_clip")
+        self.positive("eps_clip", "eps_clip_high", "tis_clip", "critic_lr", "value_clip")
         for key in ("eps_clip", "eps_clip_high"):
             value = getattr(self, key)
             self.require(value is None or value < 1.0, key, f"a clip range must be below 1, got {value}")
@@ -107,7 +121,10 @@ class AlgoConfig(Section, kw_only=True):
             "use_tis",
             "with use_rollout_logprobs the old log-probs are the engine's, so TIS weights would all be 1",
         )
-        self.non_negative("kl_loss_coef", "entropy_coef", "tis_clip_low")
+        self.non_negative("kl_loss_coef", "entropy_coef", "tis_clip_low", "kl_coef")
+        for key in ("gamma", "lambd"):
+            value = getattr(self, key)
+            self.require(0.0 <= value <= 1.0, key, f"must be in [0, 1], got {value}")
         if self.eps_clip_c is not None:
             self.require(
                 self.eps_clip_c > 1.0, "eps_clip_c", f"dual-clip constant must be > 1, got {self.eps_clip_c}"
@@ -122,10 +139,45 @@ class AlgoConfig(Section, kw_only=True):
             "kl_loss_coef",
             f"is {self.kl_loss_coef} but use_kl_loss is false; set algo.use_kl_loss = true",
         )
+        self.require(
+            not (self.use_kl_loss and self.kl_coef > 0),
+            "kl_coef",
+            "KL reward shaping (kl_coef) and the KL loss (use_kl_loss) penalise the same divergence twice; "
+            "use one of them",
+        )
+        self.require(
+            (self.loss_type == "custom_loss") == (self.custom_loss_function_path is not None),
+            "custom_loss_function_path",
+            "is needed exactly when loss_type = 'custom_loss' (loss_type = "
+            f"{self.loss_type!r}, custom_loss_function_path = {self.custom_loss_function_path!r})",
+        )
+        self.require(
+            not (self.loss_type == "sft" and self.use_tis),
+            "use_tis",
+            "importance weights correct a policy-gradient loss; loss_type = 'sft' has none",
+        )
 
     @property
     def needs_reference(self) -> bool:
-        return self.use_kl_loss
+        return self.use_kl_loss or self.kl_coef > 0
+
+    @property
+    def needs_critic(self) -> bool:
+        return self.advantage_estimator == "ppo"
+
+    @property
+    def policy_loss_kind(self) -> str:
+        """The per-token policy term: 'gspo' and 'cispo' have their own, every other estimator PPO's."""
+        return self.advantage_estimator if self.advantage_estimator in ("gspo", "cispo") else "ppo"
+
+    @property
+    def token_level(self) -> bool:
+        """Whether advantages are built per token (returns, GAE) rather than per sample from its group."""
+        return self.advantage_estimator in ("reinforce_plus_plus", "reinforce_plus_plus_baseline", "ppo")
+
+    @property
+    def whiten(self) -> bool:
+        return self.token_level if self.advantage_whitening is None else self.advantage_whitening
 
 
 class OptimizerConfig(Section, kw_only=True):

@@ -1,8 +1,9 @@
 """One learner rank: a Megatron-core GPTModel, its optimizer, and the RL training step.
 
 Guarantees, for a rollout of samples:
-- log-probs before the first optimizer step are recomputed with the same micro-batches the step uses,
-  so the first step's ppo_kl is exactly 0;
+- the old log-probs are the learner's own at the weights it holds when the rollout arrives: the first
+  optimizer step takes them from its own forward pass (detached), later steps from a pass made before
+  the first step; so the first step's ppo_kl is exactly 0 and no forward pass is spent twice;
 - each optimizer step's gradient is the gradient of the global-batch loss (micro-batch shares are
   normalised by global token/sample counts, then summed over micro-batches and data-parallel ranks);
 - `export_hf` returns, on rank 0, the full model as HF-named tensors (TP shards gathered, vocabulary
@@ -18,28 +19,19 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state as mpu
-from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
-from megatron.core.tensor_parallel import param_is_not_tensor_parallel_duplicate
 
 from engine.cluster import pin_to_core
 from engine.hf_config import load_hf_config, torch_dtype
 from engine.learner import hf_bridge
+from engine.learner.advantages import assign_advantages
 from engine.learner.batching import MicroBatch, chunk, make_micro_batch, split_rollout
 from engine.learner.config import LearnerSpec
-from engine.learner.loss import grpo_advantages, policy_objective, token_logprobs
+from engine.learner.critic import Critic
+from engine.learner.loss import CustomLoss, policy_objective, token_logprobs
+from engine.learner.optim import make_optimizer, make_scheduler, sync_and_clip
 from engine.learner.parallel import init_parallel
 from engine.learner.weights import load_hf_state, save_hf_checkpoint
 from engine.wire import Sample
-
-
-def allreduce_sum(tensors: list[torch.Tensor], group: Any) -> None:
-    """In-place sum of tensors across a process group, as one flat collective."""
-    if not tensors:
-        return
-    flat = torch._utils._flatten_dense_tensors(tensors)
-    dist.all_reduce(flat, group=group)
-    for t, synced in zip(tensors, torch._utils._unflatten_dense_tensors(flat, tensors), strict=True):
-        t.copy_(synced)
 
 
 class LearnerWorker:
@@ -70,23 +62,28 @@ class LearnerWorker:
             self.ref_model = self._build(ckpt.ref_load or ckpt.hf_checkpoint)
             self.ref_model.requires_grad_(False)
         params = dict(self.model.named_parameters())
-        self._tp_partial = [params[p.megatron] for p in hf_bridge.param_maps(self.shape) if p.tp_partial_grad]
-        self.optimizer = self._make_optimizer()
-        optimizer.check_schedule(total_steps)
-        decay_steps = optimizer.decay_steps(total_steps)
-        self.scheduler = OptimizerParamScheduler(
-            self.optimizer,
-            init_lr=0.0 if optimizer.lr_warmup_iters else optimizer.lr,
-            max_lr=optimizer.lr,
-            min_lr=optimizer.min_lr,
-            lr_warmup_steps=optimizer.lr_warmup_iters,
-            lr_decay_steps=max(decay_steps, optimizer.lr_warmup_iters + 1),
-            lr_decay_style=optimizer.lr_decay_style,
-            start_wd=optimizer.weight_decay,
-            end_wd=optimizer.weight_decay,
-            wd_incr_steps=1,
-            wd_incr_style="constant",
-        )
+        tp_partial = [p.megatron for p in hf_bridge.param_maps(self.shape) if p.tp_partial_grad]
+        self._tp_partial = [params[name] for name in tp_partial]
+        self._groups = {"tp_group": self.tp_group, "tp": tp, "dp_group": self.dp_group, "dp": self.dp}
+        self.optimizer = make_optimizer(self.model, optimizer, optimizer.lr)
+        self.scheduler = make_scheduler(self.optimizer, optimizer, total_steps, optimizer.lr)
+        self.critic = None
+        if self.algo.needs_critic:
+            self.critic = Critic(
+                self._build(ckpt.load or ckpt.hf_checkpoint),
+                algo=self.algo,
+                optimizer=optimizer,
+                total_steps=total_steps,
+                seed=spec.seed,
+                hidden=self.shape.hidden,
+                tp_partial_names=tp_partial,
+                groups=self._groups,
+            )
+        self.custom_loss: CustomLoss | None = None
+        if self.algo.custom_loss_function_path:
+            from engine.rollout.rewards import load_object
+
+            self.custom_loss = load_object(self.algo.custom_loss_function_path)
 
     # --- set-up -------------------------------------------------------------------------------------
 
@@ -96,15 +93,6 @@ class LearnerWorker:
         model = hf_bridge.build_gpt_model(self.hf_config, self.shape, tconfig)
         hf_bridge.load_hf_weights(model, load_hf_state(weights_from), self.shape, self.tp_rank, self.tp)
         return model
-
-    def _make_optimizer(self) -> torch.optim.Optimizer:
-        decay = [p for p in self.model.parameters() if p.requires_grad and p.ndim > 1]
-        no_decay = [p for p in self.model.parameters() if p.requires_grad and p.ndim <= 1]
-        groups = [{"params": decay, "wd_mult": 1.0}, {"params": no_decay, "wd_mult": 0.0}]
-        c = self.opt_cfg
-        if c.optimizer == "sgd":
-            return torch.optim.SGD(groups, lr=c.lr, momentum=c.sgd_momentum)
-        return torch.optim.AdamW(groups, lr=c.lr, betas=(c.adam_beta1, c.adam_beta2), eps=c.adam_eps)
 
     def ready(self) -> dict[str, Any]:
         return {
@@ -138,7 +126,7 @@ class LearnerWorker:
 
     def compute_logprobs(self, samples: list[Sample]) -> list[np.ndarray]:
         """The learner's log-probs of each sample's response tokens at the current weights."""
-        mbs = [make_micro_batch(samples[i : i + 1], [0.0]) for i in range(len(samples))]
+        mbs = [make_micro_batch(samples[i : i + 1], [i]) for i in range(len(samples))]
         self._recompute_old(mbs)
         out = []
         for mb, x in zip(mbs, samples, strict=True):
@@ -152,26 +140,30 @@ class LearnerWorker:
     def train(self, samples: list[Sample], num_steps: int) -> list[dict[str, float]]:
         """Train on one rollout (num_steps optimizer steps); returns per-step metrics, equal on all ranks."""
         t0 = time.perf_counter()
-        rewards = torch.tensor([x.reward for x in samples], dtype=torch.float32)
-        group_ids = torch.tensor([x.group_id for x in samples])
-        advantages = grpo_advantages(rewards, group_ids, std_normalize=self.algo.grpo_std_normalization)
         plan = split_rollout(len(samples), num_steps, self.dp_rank, self.dp)
         global_per_step = len(samples) // num_steps
-        steps = []
-        for indices in plan:
-            mbs = [
-                make_micro_batch([samples[i] for i in part], [float(advantages[i]) for i in part])
-                for part in chunk(indices, self.perf.micro_batch_size)
-            ]
-            steps.append(mbs)
-        for mbs in steps:
+        size = self.perf.micro_batch_size
+        steps = [
+            [make_micro_batch([samples[i] for i in part], part) for part in chunk(indices, size)]
+            for indices in plan
+        ]
+        # KL reward shaping needs the old log-probs before any step; otherwise the first step's forward
+        # runs at these very weights on these very micro-batches, and its own log-probs (detached) are
+        # the old log-probs: no separate pass for them.
+        early_old = self.algo.kl_coef > 0
+        for step, mbs in enumerate(steps):
             if self.algo.use_rollout_logprobs:
                 for mb in mbs:
                     mb.old_logp = mb.rollout_logp
-            else:
+            elif step > 0 or early_old:
                 self._recompute_old(mbs)
             if self.ref_model is not None:
                 self._recompute_ref(mbs)
+            if self.critic is not None:
+                self.critic.values(mbs)
+        rewards = torch.tensor([x.reward for x in samples], dtype=torch.float32)
+        group_ids = torch.tensor([x.group_id for x in samples])
+        assign_advantages(self.algo, [mb for mbs in steps for mb in mbs], rewards, group_ids, self._dp_sum)
         recompute_s = time.perf_counter() - t0
         metrics = []
         for step, mbs in enumerate(steps):
@@ -183,17 +175,25 @@ class LearnerWorker:
             m["recompute_time"] = recompute_s / len(metrics)
         return metrics
 
+    def _dp_sum(self, t: torch.Tensor) -> torch.Tensor:
+        if self.dp > 1:
+            t = t.clone()
+            dist.all_reduce(t, group=self.dp_group)
+        return t
+
     def _optimizer_step(self, mbs: list[MicroBatch], *, tokens: float, samples: float) -> dict[str, float]:
         t0 = time.perf_counter()
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
         shares: dict[str, float] = {}
-        sums: dict[str, float] = {"entropy": 0.0}
+        sums: dict[str, float] = {"entropy": 0.0, "advantages": 0.0}
         for mb in mbs:
-            assert mb.old_logp is not None
+            assert mb.advantages is not None
             logp, entropy = token_logprobs(
                 self._logits(self.model, mb), mb.targets, self.temperature, with_entropy=True
             )
+            if mb.old_logp is None:  # the rollout's first optimizer step
+                mb.old_logp = logp.detach()
             assert entropy is not None
             if not self.algo.entropy_coef:
                 entropy = entropy.detach()  # a metric only: no gradient through it
@@ -208,52 +208,38 @@ class LearnerWorker:
                 ref_logp=mb.ref_logp,
                 tokens=tokens,
                 samples=samples,
+                custom_loss=self.custom_loss,
             )
             loss.backward()
             sums["entropy"] += float((entropy.detach() * mb.mask).sum())
+            sums["advantages"] += float((mb.advantages * mb.mask).sum())
             for k, v in mb_shares.items():
                 shares[k] = shares.get(k, 0.0) + float(v)
             for k, v in mb_sums.items():
                 sums[k] = sums.get(k, 0.0) + float(v)
-        self._reduce_tp_partial_grads()
-        self._allreduce_grads()
-        grad_norm = self._clip_grads(self.opt_cfg.clip_grad)
-        lr = self.optimizer.param_groups[0]["lr"]
+        grad_norm = sync_and_clip(
+            list(self.model.parameters()),
+            tp_partial=self._tp_partial,
+            max_norm=self.opt_cfg.clip_grad,
+            **self._groups,
+        )
+        same = {"grad_norm": grad_norm, "lr": self.optimizer.param_groups[0]["lr"]}
         self.optimizer.step()
         self.scheduler.step(1)
+        if self.critic is not None:
+            critic_shares, critic_same = self.critic.step(mbs, tokens=tokens, samples=samples)
+            same.update(critic_same)
+            for k, v in critic_shares.items():
+                if k.startswith("sum/"):
+                    sums[k[4:]] = v
+                else:
+                    shares[k] = v
         reduced = self._allreduce_stats({**shares, **{f"sum/{k}": v for k, v in sums.items()}})
         out = {k: v for k, v in reduced.items() if not k.startswith("sum/")}
         out.update({k[4:]: v / max(tokens, 1.0) for k, v in reduced.items() if k.startswith("sum/")})
-        out["grad_norm"] = grad_norm
-        out["lr"] = lr
+        out.update(same)
         out["train_time"] = time.perf_counter() - t0
         return out
-
-    def _reduce_tp_partial_grads(self) -> None:
-        """Sum over TP ranks the gradients of replicated parameters each rank applies to its own heads
-        only (QK norms), as Megatron does, so every rank takes the same step."""
-        if self.tp > 1:
-            allreduce_sum([p.grad for p in self._tp_partial if p.grad is not None], self.tp_group)
-
-    def _allreduce_grads(self) -> None:
-        if self.dp > 1:
-            allreduce_sum([p.grad for p in self.model.parameters() if p.grad is not None], self.dp_group)
-
-    def _clip_grads(self, max_norm: float) -> float:
-        """Global L2 norm over the full model (TP shards counted once) and clipping to max_norm."""
-        params = [p for p in self.model.parameters() if p.grad is not None]
-        sq = torch.zeros(1, dtype=torch.float64)
-        for p in params:
-            if param_is_not_tensor_parallel_duplicate(p):
-                sq += p.grad.detach().double().square().sum()
-        if self.tp > 1:
-            dist.all_reduce(sq, group=self.tp_group)
-        norm = float(sq.sqrt())
-        if max_norm > 0 and norm > max_norm:
-            scale = max_norm / (norm + 1e-6)
-            for p in params:
-                p.grad.mul_(scale)
-        return norm
 
     def _allreduce_stats(self, stats: dict[str, float]) -> dict[str, float]:
         keys = sorted(stats)

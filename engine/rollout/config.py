@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import re
 from typing import Literal
 
 import msgspec
 
 from engine.configbase import Section
+from engine.rollout.rewards.verifiers import REMOTE, name_problem
 
 
 class RolloutConfig(Section, kw_only=True):
@@ -38,7 +40,13 @@ class RolloutConfig(Section, kw_only=True):
     # Reward.
     rm_type: str = "math"
     custom_rm_path: str | None = None
+    group_rm: bool = False
     reward_workers: int = 1
+    # remote_rm: an HTTP reward server (docs/rewards.md has the wire contract).
+    rm_url: str | None = None
+    rm_timeout: float = 30.0
+    rm_max_retries: int = 3
+    rm_concurrency: int = 64
     # Producer.
     max_concurrency: int = 256
     # Asynchronous training: at most max_staleness policy versions between a trained token and the
@@ -58,6 +66,7 @@ class RolloutConfig(Section, kw_only=True):
         self.positive("batch_size", "n_samples_per_prompt", "global_batch_size", "num_steps_per_rollout")
         self.positive("num_rollout", "num_epoch", "max_response_len", "reward_workers", "max_concurrency")
         self.non_negative("max_staleness")
+        self._check_reward()
         if self.over_sampling_batch_size is not None:
             self.require(
                 self.over_sampling_batch_size >= self.batch_size,
@@ -95,6 +104,27 @@ class RolloutConfig(Section, kw_only=True):
             "set num_rollout (rollout steps) or num_epoch (passes over prompt_data)",
         )
 
+    def _check_reward(self) -> None:
+        problem = name_problem(self.rm_type)
+        self.require(problem is None, "rm_type", problem or "")
+        self.require(
+            self.rm_type != REMOTE or bool(self.rm_url),
+            "rm_url",
+            "rm_type = 'remote_rm' needs rm_url, the reward server's http(s):// URL",
+        )
+        self.require(
+            self.rm_url is None or bool(re.fullmatch(r"https?://[^/\s]+\S*", self.rm_url)),
+            "rm_url",
+            f"must be an http:// or https:// URL with a host, got {self.rm_url!r}",
+        )
+        self.require(
+            not self.group_rm or bool(self.custom_rm_path),
+            "group_rm",
+            "scores a group with a custom function: set custom_rm_path",
+        )
+        self.positive("rm_timeout", "rm_concurrency")
+        self.non_negative("rm_max_retries")
+
     @property
     def derived_global_batch_size(self) -> int:
         if self.global_batch_size is not None:
@@ -125,6 +155,10 @@ class EvalConfig(Section, kw_only=True):
         self.non_negative("temperature")
         if self.top_p is not None:
             self.require(0.0 < self.top_p <= 1.0, "top_p", f"must be in (0, 1], got {self.top_p!r}")
+        if self.top_k is not None:
+            self.require(
+                self.top_k == -1 or self.top_k > 0, "top_k", f"must be -1 (off) or > 0, got {self.top_k}"
+            )
         if self.interval:
             self.require(
                 bool(self.datasets), "datasets", "eval.interval is set but no eval.datasets are given"

@@ -28,6 +28,7 @@ import numpy as np
 from engine.rollout.config import EvalConfig, RolloutConfig
 from engine.rollout.data import Prompt, PromptOrder
 from engine.rollout.engines import InferenceEngine
+from engine.rollout.eval_metrics import eval_set_metrics
 from engine.rollout.filters import resolve_filter, verdict
 from engine.rollout.rewards import RewardPool
 from engine.rollout.sampling import derive_seed
@@ -358,7 +359,9 @@ class Producer:
     async def _score(self, prompt: Prompt, responses: list[Response]) -> None:
         for r in responses:
             r.text = self.tokenizer.decode(r.tokens, skip_special_tokens=True)
-        rewards = await self.rewards.score([r.text for r in responses], prompt.label, prompt.metadata)
+        rewards = await self.rewards.score(
+            [r.text for r in responses], prompt.label, prompt.metadata, prompt=prompt.text
+        )
         for r, reward in zip(responses, rewards, strict=True):
             r.reward = reward
 
@@ -386,7 +389,8 @@ class Producer:
     # --- evaluation ---------------------------------------------------------------------------------
 
     async def evaluate(self, name: str) -> dict[str, float]:
-        """Mean reward, accuracy (share of positive rewards), length and truncation on one eval set."""
+        """Mean reward, accuracy (share of positive rewards), pass@1..n (eval_metrics), response length
+        and truncation on one eval set, n = eval.n_samples_per_eval_prompt responses per prompt."""
         prompts = self.eval_sets[name]
         n = self.eval_cfg.n_samples_per_eval_prompt
         slots = asyncio.Semaphore(max(1, self.cfg.max_concurrency // n))
@@ -404,11 +408,10 @@ class Producer:
             return responses
 
         start = time.perf_counter()
-        responses = [r for group in await gather_all(one(p) for p in prompts) for r in group]
-        rewards = np.array([r.reward for r in responses])
+        groups = await gather_all(one(p) for p in prompts)
+        responses = [r for group in groups for r in group]
         return {
-            f"eval/{name}/reward": float(rewards.mean()),
-            f"eval/{name}/accuracy": float((rewards > 0).mean()),
+            **eval_set_metrics(name, [[r.reward for r in group] for group in groups]),
             f"eval/{name}/response_len": float(np.mean([len(r.tokens) for r in responses])),
             f"eval/{name}/truncated_frac": float(np.mean([r.finish == "length" for r in responses])),
             f"eval/{name}/samples": float(len(responses)),

@@ -43,7 +43,7 @@ class ProducerActor:
         self._thread = threading.Thread(target=self._loop.run_forever, name="producer-loop", daemon=True)
         self._thread.start()
         tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
-        self._rewards = RewardPool(rollout.rm_type, rollout.custom_rm_path, rollout.reward_workers)
+        self._rewards = RewardPool.from_config(rollout)
 
         async def build() -> Producer:
             sink = ZmqSampleSink(buffer_address)

@@ -1,0 +1,89 @@
+"""Optimizer, learning-rate schedule and gradient synchronisation for a learner model (actor or critic).
+
+Guarantee: after `sync_and_clip`, every rank holds the same gradient (the sum over data-parallel ranks,
+TP-partial gradients summed over tensor-parallel ranks), the returned norm is the L2 norm of the full
+model's gradient with each TP shard counted once, and clipping scales all of it by one factor.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+from megatron.core.tensor_parallel import param_is_not_tensor_parallel_duplicate
+
+from engine.learner.config import OptimizerConfig
+
+
+def allreduce_sum(tensors: list[torch.Tensor], group: Any) -> None:
+    """In-place sum of tensors across a process group, as one flat collective."""
+    if not tensors:
+        return
+    flat = torch._utils._flatten_dense_tensors(tensors)
+    dist.all_reduce(flat, group=group)
+    for t, synced in zip(tensors, torch._utils._unflatten_dense_tensors(flat, tensors), strict=True):
+        t.copy_(synced)
+
+
+def make_optimizer(model: torch.nn.Module, cfg: OptimizerConfig, lr: float) -> torch.optim.Optimizer:
+    """torch AdamW or SGD over the trainable parameters; biases and norms get no weight decay."""
+    decay = [p for p in model.parameters() if p.requires_grad and p.ndim > 1]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim <= 1]
+    groups = [{"params": decay, "wd_mult": 1.0}, {"params": no_decay, "wd_mult": 0.0}]
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=lr, momentum=cfg.sgd_momentum)
+    return torch.optim.AdamW(groups, lr=lr, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps)
+
+
+def make_scheduler(
+    optimizer: torch.optim.Optimizer, cfg: OptimizerConfig, total_steps: int, lr: float
+) -> OptimizerParamScheduler:
+    """Megatron's scheduler: linear warm-up to lr, then constant / linear / cosine decay to min_lr (scaled
+    by lr / cfg.lr for a model with its own rate), weight decay applied by parameter group."""
+    cfg.check_schedule(total_steps)
+    decay_steps = cfg.decay_steps(total_steps)
+    return OptimizerParamScheduler(
+        optimizer,
+        init_lr=0.0 if cfg.lr_warmup_iters else lr,
+        max_lr=lr,
+        min_lr=cfg.min_lr * lr / cfg.lr,
+        lr_warmup_steps=cfg.lr_warmup_iters,
+        lr_decay_steps=max(decay_steps, cfg.lr_warmup_iters + 1),
+        lr_decay_style=cfg.lr_decay_style,
+        start_wd=cfg.weight_decay,
+        end_wd=cfg.weight_decay,
+        wd_incr_steps=1,
+        wd_incr_style="constant",
+    )
+
+
+def sync_and_clip(
+    params: list[torch.nn.Parameter],
+    *,
+    tp_partial: list[torch.nn.Parameter],
+    tp_group: Any,
+    tp: int,
+    dp_group: Any,
+    dp: int,
+    max_norm: float,
+) -> float:
+    """Synchronise gradients across ranks, clip them to max_norm (0: no clipping), return the norm."""
+    if tp > 1:  # replicated parameters each rank applies to its own heads only (QK norms), as Megatron
+        allreduce_sum([p.grad for p in tp_partial if p.grad is not None], tp_group)
+    grads = [p for p in params if p.grad is not None]
+    if dp > 1:
+        allreduce_sum([p.grad for p in grads], dp_group)
+    sq = torch.zeros(1, dtype=torch.float64)
+    for p in grads:
+        if param_is_not_tensor_parallel_duplicate(p):
+            sq += p.grad.detach().double().square().sum()
+    if tp > 1:
+        dist.all_reduce(sq, group=tp_group)
+    norm = float(sq.sqrt())
+    if max_norm > 0 and norm > max_norm:
+        scale = max_norm / (norm + 1e-6)
+        for p in grads:
+            p.grad.mul_(scale)
+    return norm
