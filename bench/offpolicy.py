@@ -124,8 +124,9 @@ def plot(runs: dict[str, list[dict]], path: Path) -> None:
     right.set(title="held-out accuracy (200 prompts x 4 samples)", xlabel="step", ylabel="accuracy")
     for ax in (left, right, final):
         ax.grid(alpha=0.3)
-    right.legend(fontsize=8, ncols=2)
-    fig.tight_layout()
+    handles, labels = right.get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncols=min(len(labels), 6), fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0.06 * ((len(labels) + 5) // 6), 1, 1))
     fig.savefig(path, dpi=110)
 
 

@@ -92,12 +92,30 @@ class Config(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
                 section="perf",
                 key="tensor_model_parallel_size",
             )
-        dp = ranks // tp
+        pp = self.perf.pipeline_model_parallel_size
+        if ranks % (tp * pp):
+            raise ConfigError(
+                f"cluster.learner_ranks={ranks} is not divisible by perf.tensor_model_parallel_size={tp} x "
+                f"perf.pipeline_model_parallel_size={pp}",
+                section="perf",
+                key="pipeline_model_parallel_size",
+            )
+        dp = ranks // (tp * pp)
+        dp_of = f"(cluster.learner_ranks={ranks} / perf.tensor_model_parallel_size={tp}" + (
+            f" / perf.pipeline_model_parallel_size={pp})" if pp > 1 else ")"
+        )
+        ep = self.perf.expert_model_parallel_size
+        if dp % ep:
+            raise ConfigError(
+                f"the data-parallel size {dp} {dp_of} is not divisible by "
+                f"perf.expert_model_parallel_size={ep}",
+                section="perf",
+                key="expert_model_parallel_size",
+            )
         gbs = self.rollout.derived_global_batch_size
         if gbs % dp:
             raise ConfigError(
-                f"global batch size {gbs} is not divisible by the data-parallel size {dp} "
-                f"(cluster.learner_ranks={ranks} / perf.tensor_model_parallel_size={tp})",
+                f"global batch size {gbs} is not divisible by the data-parallel size {dp} {dp_of}",
                 section="rollout",
                 key="global_batch_size",
             )

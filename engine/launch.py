@@ -1,10 +1,11 @@
 """`python -m engine.launch config.toml [section.key=value ...]`: check everything, then train.
 
 Order of work, so bad input costs seconds: parse and check the config; resolve built-in task paths
-(building the task on first use); load and check every data file and the reward; only then start Ray
-and the actors. The run directory is printed first; metrics.jsonl, the resolved config and checkpoints
-go there. Exit status: 0 done, 1 failed during the run, 2 bad config or data, 130 interrupted. Ray and
-every actor are shut down on each of these paths.
+(building the task on first use); load and check every data file and the reward; decide where the
+weights come from (a checkpoint to resume, checked against the config; engine/checkpoint.py); only
+then start Ray and the actors. The run directory is printed first; metrics.jsonl, the resolved config
+and checkpoints go there. Exit status: 0 done, 1 failed during the run, 2 bad config or data, 130
+interrupted. Ray and every actor are shut down on each of these paths.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from pathlib import Path
 
 import msgspec
 
+from engine.checkpoint import Start
 from engine.cluster import ray_session
 from engine.config import Config, load_config
 from engine.errors import ConfigError, DataError
@@ -65,12 +67,14 @@ def check_callable(path: str, section: str, key: str) -> None:
         raise ConfigError(f"{path!r} is not callable", section=section, key=key)
 
 
-def prepare(config_path: str, overrides: list[str]) -> tuple[Config, list, dict, int]:
+def prepare(config_path: str, overrides: list[str]) -> tuple[Config, list, dict, int, Start]:
     """Everything that can fail on bad input, before any actor exists."""
     from transformers import AutoTokenizer
 
+    from engine.checkpoint import plan_start
     from engine.hf_config import load_hf_config
-    from engine.learner.hf_bridge import shape_of
+    from engine.learner.hf_bridge import layers_per_stage, shape_of
+    from engine.learner.hf_moe import check_trainable
     from engine.rollout.data import load_datasets
     from engine.rollout.rewards import resolve_reward
 
@@ -78,7 +82,10 @@ def prepare(config_path: str, overrides: list[str]) -> tuple[Config, list, dict,
     config = resolve_builtin_paths(config)
     check_eval_datasets(config)
     hf_config = load_hf_config(config.ckpt.hf_checkpoint, config.model.overrides)
-    shape_of(hf_config, tp=config.perf.tensor_model_parallel_size)
+    tp = config.perf.tensor_model_parallel_size
+    shape = shape_of(hf_config, tp=tp, ep=config.perf.expert_model_parallel_size)
+    check_trainable(shape.moe, tp=tp)
+    layers_per_stage(shape, config.perf.pipeline_model_parallel_size)
     resolve_reward(config.rollout.rm_type, config.rollout.custom_rm_path)
     if config.algo.custom_loss_function_path:
         check_callable(config.algo.custom_loss_function_path, "algo", "custom_loss_function_path")
@@ -98,7 +105,8 @@ def prepare(config_path: str, overrides: list[str]) -> tuple[Config, list, dict,
             key="num_epoch",
         )
     config.optimizer.check_schedule(num_rollout * r.num_steps_per_rollout)
-    return config, prompts, eval_sets, num_rollout
+    start = plan_start(config, hf_config, len(prompts), num_rollout)
+    return config, prompts, eval_sets, num_rollout, start
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -113,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     quiet_upstream_notices()
 
     try:
-        config, prompts, eval_sets, num_rollout = prepare(args.config, args.overrides)
+        config, prompts, eval_sets, num_rollout, start = prepare(args.config, args.overrides)
     except (ConfigError, DataError) as e:
         print(e, file=sys.stderr)
         return 2
@@ -139,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.monotonic()
     try:
         with ray_session(config.cluster):
-            trainer = Trainer(config, prompts, eval_sets, num_rollout, logger)
+            trainer = Trainer(config, prompts, eval_sets, num_rollout, logger, start)
             try:
                 trainer.build()
                 trainer.run()

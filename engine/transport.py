@@ -14,7 +14,7 @@ import asyncio
 
 import zmq
 
-from engine.wire import Sample, decode_sample, encode_sample
+from engine.wire import Sample, decode_samples, encode_samples
 
 DEFAULT_HWM = 10_000
 BACKPRESSURE_POLL_S = 0.001
@@ -62,7 +62,7 @@ class ZmqSampleSink(SampleSink):
         self.backpressure_waits = 0
 
     async def send(self, samples: list[Sample]) -> None:
-        frames = [encode_sample(x) for x in samples]
+        frames = encode_samples(samples)
         while True:
             try:
                 self._sock.send_multipart(frames, flags=zmq.NOBLOCK, copy=False)
@@ -96,7 +96,7 @@ class ZmqSampleSource(SampleSource):
             if not self._poller.poll(timeout_ms):
                 return None
             frames = self._sock.recv_multipart()
-        return [decode_sample(frame) for frame in frames]
+        return decode_samples(frames)
 
     def close(self) -> None:
         self._sock.close()

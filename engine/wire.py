@@ -151,14 +151,28 @@ def encode_sample(sample: Sample) -> bytes:
     return _encoder.encode(sample)
 
 
+def encode_samples(samples: list[Sample]) -> list[bytes]:
+    """One frame per sample."""
+    return list(map(_encoder.encode, samples))
+
+
 def decode_sample(data: bytes | memoryview) -> Sample:
     """Decode and validate one sample; anything else raises WireError."""
+    return decode_samples([data])[0]
+
+
+def decode_samples(frames: list[bytes] | list[memoryview]) -> list[Sample]:
+    """Decode and validate the samples of one message; anything else raises WireError.
+
+    One pass of the decoder over the frames, then the checks: the receiving side of the sample stream
+    runs this for every message, so it avoids per-sample call overhead."""
     try:
-        sample = _decoder.decode(data)
+        samples = list(map(_decoder.decode, frames))
     except (msgspec.DecodeError, msgspec.ValidationError) as e:
         raise WireError(f"not a valid sample: {e}") from None
-    sample.validate()
-    return sample
+    for sample in samples:
+        sample.validate()
+    return samples
 
 
 class SamplingParams(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):

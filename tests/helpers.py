@@ -14,13 +14,21 @@ FAMILIES = {
     "qwen2": ("Qwen2Config", "Qwen2ForCausalLM"),
     "llama": ("LlamaConfig", "LlamaForCausalLM"),
     "qwen3": ("Qwen3Config", "Qwen3ForCausalLM"),
+    "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM"),
 }
 
 
 def make_checkpoint(
-    path: Path, family: str = "qwen2", *, tied: bool = True, seed: int = 0, rope_theta: float = 10000.0
+    path: Path,
+    family: str = "qwen2",
+    *,
+    tied: bool = True,
+    seed: int = 0,
+    rope_theta: float = 10000.0,
+    **config: object,
 ) -> Path:
-    """A random tiny HF checkpoint of `family` with the built-in character tokenizer."""
+    """A random tiny HF checkpoint of `family` with the built-in character tokenizer (config: HF config
+    fields replacing the defaults)."""
     import transformers
 
     config_cls, model_cls = (getattr(transformers, n) for n in FAMILIES[family])
@@ -39,8 +47,11 @@ def make_checkpoint(
         bos_token_id=0,
         rope_theta=rope_theta,
     )
-    if family == "qwen3":
+    if family in ("qwen3", "qwen3_moe"):
         kwargs["head_dim"] = 32
+    if family == "qwen3_moe":  # 4 experts, 2 per token, renormalised routing weights
+        kwargs.update(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=48, norm_topk_prob=True)
+    kwargs.update(config)
     torch.manual_seed(seed)
     model = model_cls(config_cls(**kwargs))
     with torch.no_grad():
@@ -81,3 +92,28 @@ def sample(
     )
     fields.update(kw)
     return Sample.build(**fields)
+
+
+def learner_spec(ckpt, *, perf=None, algo=None, optimizer=None, ref=None, **extra):
+    """A LearnerSpec for tests: 10-step schedule, seed 0, one thread per rank, SGD at 0.05 unless given."""
+    from engine.learner.config import (
+        AlgoConfig,
+        CkptConfig,
+        LearnerSpec,
+        ModelConfig,
+        OptimizerConfig,
+        PerfConfig,
+    )
+
+    return LearnerSpec(
+        model=ModelConfig(),
+        ckpt=CkptConfig(hf_checkpoint=str(ckpt), ref_load=None if ref is None else str(ref)),
+        perf=perf or PerfConfig(),
+        algo=algo or AlgoConfig(),
+        optimizer=optimizer or OptimizerConfig(optimizer="sgd", lr=0.05),
+        temperature=1.0,
+        total_steps=10,
+        seed=0,
+        threads=1,
+        **extra,
+    )

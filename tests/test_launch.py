@@ -112,11 +112,11 @@ def test_two_step_run(tmp_path: Path) -> None:
 
     from transformers import AutoModelForCausalLM
 
-    saved = AutoModelForCausalLM.from_pretrained(rows[2]["ckpt/path"], dtype=torch.float32)
+    saved = AutoModelForCausalLM.from_pretrained(Path(rows[2]["ckpt/path"]) / "hf", dtype=torch.float32)
     initial = load_file(str(Path(config["ckpt"]["hf_checkpoint"]) / "model.safetensors"))
     name = "model.layers.0.mlp.down_proj.weight"
     assert not torch.equal(saved.state_dict()[name], initial[name])  # two RL steps moved the weights
-    assert Path(rows[2]["ckpt/path"]) == save / "step_2"
+    assert Path(rows[2]["ckpt/path"]) == save / "iter_0000002" and (save / "latest").read_text() == "2\n"
 
 
 def test_bad_config_fails_before_start(tmp_path: Path) -> None:

@@ -15,9 +15,6 @@ from engine.hf_config import load_hf_config
 from engine.learner import hf_bridge
 from engine.learner.config import (
     AlgoConfig,
-    CkptConfig,
-    LearnerSpec,
-    ModelConfig,
     OptimizerConfig,
     PerfConfig,
 )
@@ -25,20 +22,16 @@ from engine.learner.group import LearnerGroup
 from engine.learner.weights import load_hf_state
 from engine.rollout.hf_engine import HFEngine
 from engine.wire import GenerateRequest, Sample, SamplingParams
-from tests.helpers import FAMILIES, make_checkpoint, prompt_ids
+from tests.helpers import FAMILIES, learner_spec, make_checkpoint, prompt_ids
 
 
 def group(ckpt, *, ranks=1, tp=1, micro=4, algo=None, optimizer=None, ref=None) -> LearnerGroup:
-    spec = LearnerSpec(
-        model=ModelConfig(),
-        ckpt=CkptConfig(hf_checkpoint=str(ckpt), ref_load=ref and str(ref)),
+    spec = learner_spec(
+        ckpt,
         perf=PerfConfig(tensor_model_parallel_size=tp, micro_batch_size=micro),
-        algo=algo or AlgoConfig(),
+        algo=algo,
         optimizer=optimizer or OptimizerConfig(lr=1e-3),
-        temperature=1.0,
-        total_steps=10,
-        seed=0,
-        threads=1,
+        ref=ref,
     )
     return LearnerGroup(ranks, spec)
 

@@ -3,7 +3,8 @@
 A receiver thread decodes every frame; invalid frames are counted by reason and logged, never passed
 on, and never stop the receiver. Each group goes to the batch the producer assigned it (or to the
 partial-rollout cache); `get_batch(b)` blocks until batch b is full and returns it with its rollout and
-staleness statistics.
+staleness statistics and its groups' prompt indices (`prompt_indices`, in group order). Partial groups
+of a checkpoint come back through `restore_partials`, ahead of any cached in this run.
 """
 
 from __future__ import annotations
@@ -146,7 +147,18 @@ class BufferActor:
             self._wait(lambda: self._buffer.ready(batch), timeout_s, f"batch {batch}")
             samples = self._buffer.pop(batch)
             self.batches += 1
-        return samples, {**rollout_stats(samples), **staleness_stats(samples, batch)}
+        prompts = [x.prompt_index for x in samples if x.index == 0]
+        return samples, {
+            **rollout_stats(samples),
+            **staleness_stats(samples, batch),
+            "prompt_indices": prompts,
+        }
+
+    def restore_partials(self, groups: list[list[Sample]]) -> None:
+        """Put a checkpoint's cached partial groups back (before the producer starts taking them)."""
+        with self._cond:
+            self._buffer.partials[:0] = groups
+            self._cond.notify_all()
 
     def take_partials(self, n: int, sent: int, timeout_s: float | None = None) -> list[list[Sample]]:
         """Up to n cached partial groups, once the first `sent` partial groups have all arrived."""

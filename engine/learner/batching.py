@@ -4,15 +4,54 @@ Layout: a micro-batch holds b sequences (prompt + response) right-padded to a co
 per-token tensor is in "shifted" coordinates of length s - 1, where position j holds what predicts token
 j + 1, so response token k of a sample with prompt length P sits at j = P - 1 + k. Padding never counts:
 its mask is 0.
+
+Packed micro-batches (dynamic batching): the model sees the samples laid end to end in one row with no
+padding (`Packing`, attention and positions restart at each sample), and what it returns per position is
+moved back into the padded shifted layout above right after the forward (`MicroBatch.unpack`). Everything
+downstream (loss, per-sample aggregation, advantages, the critic's values) therefore sees exactly the
+tensors of a padded micro-batch: the position that would predict the next sample's first token is never
+read, and padded positions hold zeros. The grouping of a step's samples into micro-batches
+(`chunk_by_tokens`) changes, the samples of each step do not.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
+from engine.errors import ConfigError
 from engine.wire import Sample
+
+
+@dataclass
+class Packing:
+    """The samples of a micro-batch end to end in one row: sample i at packed positions cu[i]:cu[i+1].
+
+    Packed position p < T - 1 predicts packed token p + 1; (rows, cols) <- src maps every packed position
+    that predicts a token of its own sample to the padded shifted layout.
+    """
+
+    tokens: torch.Tensor  # [1, T] long
+    positions: torch.Tensor  # [1, T] long: 0..len_i - 1 for each sample
+    lengths: list[int]
+    rows: torch.Tensor  # [n] long
+    cols: torch.Tensor  # [n] long
+    src: torch.Tensor  # [n] long: packed shifted position of (rows, cols)
+
+    @classmethod
+    def of(cls, tokens: torch.Tensor, lengths: list[int]) -> Packing:
+        """From padded tokens [b, s] and each row's length."""
+        rows, cols, src, starts = [], [], [], 0
+        for i, n in enumerate(lengths):
+            rows.append(torch.full((n - 1,), i, dtype=torch.long))
+            cols.append(torch.arange(n - 1))
+            src.append(torch.arange(starts, starts + n - 1))
+            starts += n
+        packed = torch.cat([tokens[i, :n] for i, n in enumerate(lengths)])[None]
+        positions = torch.cat([torch.arange(n) for n in lengths])[None]
+        return cls(packed, positions, list(lengths), torch.cat(rows), torch.cat(cols), torch.cat(src))
 
 
 @dataclass
@@ -30,16 +69,53 @@ class MicroBatch:
     old_values: torch.Tensor | None = None  # the critic's, before this rollout's steps (ppo)
     returns: torch.Tensor | None = None  # the critic's targets (ppo)
 
+    packing: Packing | None = None  # set: the model runs on the packed row (dynamic batching)
+
     def causal_mask(self) -> torch.Tensor:
         """Megatron's attention mask: True where attention is not allowed, [1, 1, s, s]."""
         s = self.tokens.shape[1]
         return torch.triu(torch.ones(s, s, dtype=torch.bool), diagonal=1)[None, None]
 
+    def model_inputs(self) -> dict[str, Any]:
+        """GPTModel's keyword arguments: the padded rows with a causal mask, or the packed row (thd)."""
+        if self.packing is None:
+            return {
+                "input_ids": self.tokens,
+                "position_ids": self.positions,
+                "attention_mask": self.causal_mask(),
+            }
+        from engine.learner.attention import packed_seq_params
 
-def make_micro_batch(samples: list[Sample], indices: list[int]) -> MicroBatch:
-    """The padded tensors of samples (indices: their positions in the rollout); no advantages yet."""
+        p = self.packing
+        return {
+            "input_ids": p.tokens,
+            "position_ids": p.positions,
+            "attention_mask": None,
+            "packed_seq_params": packed_seq_params(p.lengths, p.tokens.device),
+        }
+
+    def model_targets(self) -> torch.Tensor:
+        """The token each model output position predicts: [b, s-1], or [1, T-1] when packed."""
+        return self.targets if self.packing is None else self.packing.tokens[:, 1:]
+
+    def unpack(self, x: torch.Tensor) -> torch.Tensor:
+        """A per-position model output ([b, s-1] or packed [1, T-1]) in the padded shifted layout [b, s-1]
+        (zeros where no position of the sample predicts a token); differentiable."""
+        if self.packing is None:
+            return x
+        p = self.packing
+        return x.new_zeros(self.targets.shape).index_put((p.rows, p.cols), x[0, p.src])
+
+
+def make_micro_batch(
+    samples: list[Sample], indices: list[int], *, packed: bool = False, pad_to: int | None = None
+) -> MicroBatch:
+    """The padded tensors of samples (indices: their positions in the rollout); no advantages yet.
+
+    packed: the model runs on the samples packed into one row (see `Packing`). pad_to: pad the rows to at
+    least this length (ranks whose forwards exchange tokens need equal shapes)."""
     lengths = [len(x.prompt_array) + x.response_len for x in samples]
-    b, s = len(samples), max(lengths)
+    b, s = len(samples), max(*lengths, pad_to or 0)
     tokens = torch.zeros(b, s, dtype=torch.long)
     mask = torch.zeros(b, s - 1)
     span = torch.zeros(b, s - 1)
@@ -58,7 +134,8 @@ def make_micro_batch(samples: list[Sample], indices: list[int]) -> MicroBatch:
         rollout[i, cut] = torch.from_numpy(x.logprob_array.copy())
     positions = torch.arange(s).expand(b, s).contiguous()
     index = torch.tensor(indices, dtype=torch.long)
-    return MicroBatch(tokens, positions, tokens[:, 1:], mask, span, rollout, index)
+    packing = Packing.of(tokens, lengths) if packed else None
+    return MicroBatch(tokens, positions, tokens[:, 1:], mask, span, rollout, index, packing=packing)
 
 
 def split_rollout(num_samples: int, num_steps: int, dp_rank: int, dp_size: int) -> list[list[int]]:
@@ -75,3 +152,27 @@ def split_rollout(num_samples: int, num_steps: int, dp_rank: int, dp_size: int) 
 
 def chunk(indices: list[int], size: int) -> list[list[int]]:
     return [indices[i : i + size] for i in range(0, len(indices), size)]
+
+
+def chunk_by_tokens(indices: list[int], lengths: list[int], max_tokens: int) -> list[list[int]]:
+    """indices cut into groups of at most max_tokens tokens (lengths[k]: sample indices[k]'s length), by
+    first-fit decreasing; each group keeps rollout order. A sample longer than max_tokens is an error."""
+    bins: list[list[int]] = []
+    room: list[int] = []
+    for k in sorted(range(len(indices)), key=lambda k: -lengths[k]):
+        n = lengths[k]
+        if n > max_tokens:
+            raise ConfigError(
+                f"sample {indices[k]} has {n} tokens (prompt + response), more than max_tokens_per_gpu = "
+                f"{max_tokens}; raise it to at least the longest prompt + response",
+                section="perf",
+                key="max_tokens_per_gpu",
+            )
+        slot = next((b for b, r in enumerate(room) if r >= n), None)
+        if slot is None:
+            bins.append([])
+            room.append(max_tokens)
+            slot = len(bins) - 1
+        bins[slot].append(indices[k])
+        room[slot] -= n
+    return [sorted(b) for b in bins]

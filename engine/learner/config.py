@@ -30,11 +30,13 @@ class ModelConfig(Section, kw_only=True):
 
 
 class CkptConfig(Section, kw_only=True):
-    """[ckpt]: where weights come from and go to (slime's CKPT_ARGS group).
+    """[ckpt]: where weights come from and go to (slime's CKPT_ARGS group; docs/checkpoints.md).
 
-    hf_checkpoint gives tokenizer, architecture and, unless `load` is set, the initial actor weights.
-    ref_load gives the reference model for KL (default: hf_checkpoint). load, ref_load and the
-    checkpoints written to save/step_N are HF-format directories (config.json + model.safetensors).
+    hf_checkpoint gives tokenizer and architecture, and the initial weights when nothing else does.
+    ref_load (default: hf_checkpoint; an HF directory or a checkpoint written to `save`) gives the
+    reference model and the initial actor weights when `load` holds no checkpoint. load is the resume
+    directory (normally equal to save): when its `latest` names a complete iteration, the run continues
+    from it. save receives save/iter_NNNNNNN/ every save_interval rollout steps and at the end.
     """
 
     section_name = "ckpt"
@@ -44,6 +46,7 @@ class CkptConfig(Section, kw_only=True):
     load: str | None = None
     save: str | None = None
     save_interval: int | None = None
+    save_hf: bool = True  # also write the actor as an HF checkpoint in save/iter_NNNNNNN/hf
 
     def check(self) -> None:
         self.positive("save_interval")
@@ -62,13 +65,41 @@ class PerfConfig(Section, kw_only=True):
     expert_model_parallel_size: int = 1
     sequence_parallel: bool = False
     micro_batch_size: int = 1
+    # Core attention: "sdpa" (torch's fused kernels, packed sequences) or "local" (Megatron's unfused).
+    attention_backend: Literal["sdpa", "local"] = "sdpa"
+    # Cut each rank's share of a step into packed micro-batches of at most max_tokens_per_gpu tokens.
+    use_dynamic_batch_size: bool = False
+    max_tokens_per_gpu: int | None = None
 
     def check(self) -> None:
-        self.positive("tensor_model_parallel_size", "micro_batch_size")
-        for key in ("pipeline_model_parallel_size", "context_parallel_size", "expert_model_parallel_size"):
+        self.positive(
+            "tensor_model_parallel_size",
+            "micro_batch_size",
+            "max_tokens_per_gpu",
+            "expert_model_parallel_size",
+        )
+        if self.use_dynamic_batch_size:
             self.require(
-                getattr(self, key) == 1, key, f"only 1 is supported by this build, got {getattr(self, key)}"
+                self.max_tokens_per_gpu is not None,
+                "max_tokens_per_gpu",
+                "is required with use_dynamic_batch_size = true (the token budget of a micro-batch)",
             )
+            self.require(
+                self.attention_backend == "sdpa",
+                "attention_backend",
+                "use_dynamic_batch_size packs sequences, which only the 'sdpa' backend supports",
+            )
+        self.require(
+            self.expert_model_parallel_size == 1 or not self.use_dynamic_batch_size,
+            "expert_model_parallel_size",
+            "> 1 needs equal micro-batch shapes on all ranks: use_dynamic_batch_size = false",
+        )
+        self.positive("pipeline_model_parallel_size")
+        self.require(
+            self.context_parallel_size == 1,
+            "context_parallel_size",
+            f"only 1 is supported by this build, got {self.context_parallel_size}",
+        )
         self.require(
             not self.sequence_parallel,
             "sequence_parallel",
@@ -235,3 +266,7 @@ class LearnerSpec(msgspec.Struct, frozen=True, kw_only=True):
     seed: int
     threads: int
     first_core: int | None = None  # pin rank r to core first_core + r (None: no pinning)
+    # The actor's initial weights: an HF directory or an iteration directory of a checkpoint (the
+    # launcher resolves ckpt.load / ckpt.ref_load into it; None: ckpt.hf_checkpoint).
+    init_from: str | None = None
+    resume_from: str | None = None  # iteration directory to restore the whole learner state from

@@ -2,8 +2,10 @@
 
 Guarantees: the critic starts from the actor's initial weights with a value head drawn from a fixed
 seed (the same on every rank); `values` gives one value per shifted position (the value of the state
-that predicts token j + 1, aligned with the log-probs); `step` takes one optimizer step on the clipped
-value loss of the global batch, its gradient synchronised like the actor's (engine/learner/optim.py).
+that predicts token j + 1, aligned with the log-probs), in the padded layout for packed micro-batches
+too; `step` takes one optimizer step on the clipped value loss of the global batch, its gradient
+synchronised like the actor's (engine/learner/optim.py). With pipeline parallelism the value head is on
+the last stage, and values and value losses exist there only (engine/learner/pipeline.py).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from engine.learner.batching import MicroBatch
 from engine.learner.config import AlgoConfig, OptimizerConfig
 from engine.learner.loss import aggregate, masked_sum, value_loss
 from engine.learner.optim import make_optimizer, make_scheduler, sync_and_clip
+from engine.learner.pipeline import Stage, run
 
 
 class ValueHead(torch.nn.Module):
@@ -48,25 +51,34 @@ class Critic:
         hidden: int,
         tp_partial_names: list[str],
         groups: dict,
+        stage: Stage,
     ) -> None:
-        model.output_layer = ValueHead(hidden, seed)
-        self.model, self.algo, self.opt_cfg, self.groups = model, algo, optimizer, groups
+        if stage.last:
+            model.output_layer = ValueHead(hidden, seed)
+        self.model, self.algo, self.opt_cfg, self.groups, self.stage = model, algo, optimizer, groups, stage
         params = dict(model.named_parameters())
         self.tp_partial = [params[n] for n in tp_partial_names if n in params]
         lr = algo.critic_lr or optimizer.lr
         self.optimizer = make_optimizer(model, optimizer, lr)
         self.scheduler = make_scheduler(self.optimizer, optimizer, total_steps, lr)
 
-    def _values(self, mb: MicroBatch) -> torch.Tensor:
-        out = self.model(mb.tokens, mb.positions, attention_mask=mb.causal_mask())
-        return out[:, :-1, 0].float()
+    @staticmethod
+    def _values(mb: MicroBatch, output: torch.Tensor) -> torch.Tensor:
+        return mb.unpack(output[:, :-1, 0].float())
 
     @torch.no_grad()
     def values(self, micro_batches: list[MicroBatch]) -> None:
-        """Set each micro-batch's old_values (the critic before this rollout's steps)."""
+        """Set each micro-batch's old_values (the critic before this rollout's steps; last stage)."""
         self.model.eval()
-        for mb in micro_batches:
-            mb.old_values = self._values(mb) * mb.span
+        values = run(
+            self.model,
+            micro_batches,
+            lambda mb, out: (None, self._values(mb, out) * mb.span),
+            stage=self.stage,
+            forward_only=True,
+        )
+        for mb, v in zip(micro_batches, values, strict=False):
+            mb.old_values = v
 
     def step(
         self, mbs: list[MicroBatch], *, tokens: float, samples: float
@@ -76,9 +88,10 @@ class Critic:
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
         out = {"value_loss": 0.0, "sum/vf_clipfrac": 0.0, "sum/values": 0.0, "sum/returns": 0.0}
-        for mb in mbs:
+
+        def loss_share(mb: MicroBatch, output: torch.Tensor) -> tuple[torch.Tensor, None]:
             assert mb.old_values is not None and mb.returns is not None
-            values = self._values(mb)
+            values = self._values(mb, output)
             per_token, clipped = value_loss(values, mb.old_values, mb.returns, self.algo.value_clip)
             loss = aggregate(
                 per_token,
@@ -87,11 +100,13 @@ class Critic:
                 tokens=tokens,
                 samples=samples,
             )
-            loss.backward()
             out["value_loss"] += float(loss.detach())
             out["sum/vf_clipfrac"] += float(masked_sum(clipped, mb.mask))
             out["sum/values"] += float(masked_sum(values.detach(), mb.mask))
             out["sum/returns"] += float(masked_sum(mb.returns, mb.mask))
+            return loss, None
+
+        run(self.model, mbs, loss_share, stage=self.stage, forward_only=False)
         norm = sync_and_clip(
             list(self.model.parameters()),
             tp_partial=self.tp_partial,

@@ -1,19 +1,23 @@
 """A small shim that lets Megatron-core run on CPU with gloo.
 
-Megatron-core asks CUDA for two things even when every tensor lives on the CPU: the current device
-(rotary embeddings move their frequencies to it) and the CUDA RNG tracker (attention forks the
-model-parallel RNG state around dropout). On a machine without CUDA this module maps the first to "cpu"
-and installs a tracker with the same interface that forks the CPU generator instead. It changes nothing
-when CUDA is available, and installing it twice is harmless.
+Megatron-core asks CUDA for things even when every tensor lives on the CPU: the current device
+(rotary embeddings move their frequencies to it), the CUDA RNG tracker (attention forks the
+model-parallel RNG state around dropout), stream synchronisation and "cuda" tensors (the pipeline
+schedule and its p2p communication). On a machine without CUDA this module maps the current device to
+"cpu", makes synchronisation a no-op, installs a tracker with the same interface that forks the CPU
+generator instead, and `cuda_as_cpu` creates tensors asked for on "cuda" on the CPU while it is active.
+It changes nothing when CUDA is available, and installing it twice is harmless.
 """
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from typing import Any
 
 import torch
 from megatron.core.tensor_parallel import random as mrandom
+from torch.overrides import TorchFunctionMode
 
 _installed = False
 
@@ -51,6 +55,7 @@ def install_cpu_shim(seed: int, tp_rank: int) -> None:
     if torch.cuda.is_available() or _installed:
         return
     torch.cuda.current_device = lambda: "cpu"  # type: ignore[assignment]
+    torch.cuda.synchronize = lambda device=None: None  # type: ignore[assignment]
     tracker = CPURNGStatesTracker()
     tracker.add(mrandom._MODEL_PARALLEL_RNG_TRACKER_NAME, seed + 2718 + tp_rank)
     tracker.add(mrandom._DATA_PARALLEL_RNG_TRACKER_NAME, seed)
@@ -58,3 +63,21 @@ def install_cpu_shim(seed: int, tp_rank: int) -> None:
     mrandom._CUDA_RNG_STATE_TRACKER = tracker
     mrandom._CUDA_RNG_STATE_TRACKER_INITIALIZED = True
     _installed = True
+
+
+class _CudaAsCpu(TorchFunctionMode):
+    """Rewrites a `device="cuda..."` argument of any torch call to the CPU."""
+
+    def __torch_function__(
+        self, func: Any, types: Any, args: tuple = (), kwargs: dict[str, Any] | None = None
+    ) -> Any:
+        kwargs = kwargs or {}
+        device = kwargs.get("device")
+        if isinstance(device, str | torch.device) and torch.device(device).type == "cuda":
+            kwargs = {**kwargs, "device": "cpu"}
+        return func(*args, **kwargs)
+
+
+def cuda_as_cpu() -> contextlib.AbstractContextManager:
+    """While active, tensors created on "cuda" are created on the CPU (a no-op when CUDA exists)."""
+    return contextlib.nullcontext() if torch.cuda.is_available() else _CudaAsCpu()

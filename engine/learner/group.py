@@ -46,6 +46,10 @@ class LearnerGroup:
         ray.wait(refs[:1])
         return refs[0]
 
+    def save_state(self, path: str) -> None:
+        """Every rank writes its state into the iteration directory `path` (engine/learner/checkpoint.py)."""
+        self._all("save_state", path)
+
     def save_hf(self, path: str) -> str:
         return self._all("save_hf", path)[0]
 

@@ -1,20 +1,27 @@
-"""HF <-> Megatron-core for dense decoder families (Qwen2, Llama, Qwen3): config, model and weights.
+"""HF <-> Megatron-core for decoder families (Qwen2, Llama, Qwen3, Qwen3-MoE): config, model and weights.
 
 Guarantees: `to_megatron` gives tensor-parallel rank r exactly the shard Megatron's parallel layers hold
 on that rank (fused QKV in query-group order, gate/up fused per rank, vocabulary zero-padded and split),
-and `to_hf` inverts it from the shards of all ranks, so HF -> Megatron -> HF is the identity. An
-architecture outside the table is a ConfigError listing the supported ones.
+and `to_hf` inverts it from the shards of all ranks, so HF -> Megatron -> HF is the identity. MoE layers
+(engine/learner/hf_moe.py) map each expert like a dense MLP, and `param_maps(s, ep_rank)` names the
+experts expert-parallel rank ep_rank holds. An architecture outside the table is a ConfigError listing
+the supported ones.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any
+import re
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 
 from engine.errors import ConfigError
+from engine.learner import hf_moe
+
+if TYPE_CHECKING:
+    from engine.learner.hf_moe import MoEShape
 
 
 @dataclass(frozen=True)
@@ -23,12 +30,14 @@ class Family:
 
     qkv_bias_default: bool
     qk_norm: bool
+    moe: bool = False  # mixture-of-experts MLPs (engine/learner/hf_moe.py)
 
 
 FAMILIES: dict[str, Family] = {
     "Qwen2ForCausalLM": Family(qkv_bias_default=True, qk_norm=False),
     "LlamaForCausalLM": Family(qkv_bias_default=False, qk_norm=False),
     "Qwen3ForCausalLM": Family(qkv_bias_default=False, qk_norm=True),
+    "Qwen3MoeForCausalLM": Family(qkv_bias_default=False, qk_norm=True, moe=True),
 }
 
 
@@ -47,6 +56,7 @@ class Shape:
     qkv_bias: bool
     qk_norm: bool
     tied: bool
+    moe: MoEShape | None = None  # None: dense MLPs
 
 
 def family_of(hf_config: Any) -> Family:
@@ -61,7 +71,7 @@ def family_of(hf_config: Any) -> Family:
     )
 
 
-def shape_of(hf_config: Any, tp: int = 1, divisible_by: int = 128) -> Shape:
+def shape_of(hf_config: Any, tp: int = 1, divisible_by: int = 128, ep: int = 1) -> Shape:
     family = family_of(hf_config)
     c = hf_config
     heads, groups = c.num_attention_heads, getattr(c, "num_key_value_heads", None) or c.num_attention_heads
@@ -91,6 +101,7 @@ def shape_of(hf_config: Any, tp: int = 1, divisible_by: int = 128) -> Shape:
         qkv_bias=family.qkv_bias_default,
         qk_norm=family.qk_norm,
         tied=bool(getattr(c, "tie_word_embeddings", False)),
+        moe=hf_moe.moe_shape_of(c, tp=tp, ep=ep) if family.moe else None,
     )
 
 
@@ -103,8 +114,8 @@ def rope_parameters(hf_config: Any) -> dict[str, Any]:
     return params
 
 
-def transformer_config(hf_config: Any, s: Shape, *, tp: int, params_dtype: torch.dtype):
-    """Megatron TransformerConfig for the local (non-Transformer-Engine) layer spec."""
+def transformer_config(hf_config: Any, s: Shape, *, tp: int, params_dtype: torch.dtype, pp: int = 1):
+    """Megatron TransformerConfig for the local (non-Transformer-Engine) layer spec; pp pipeline stages."""
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     on_cpu = not torch.cuda.is_available()
@@ -126,6 +137,9 @@ def transformer_config(hf_config: Any, s: Shape, *, tp: int, params_dtype: torch
         attention_dropout=0.0,
         hidden_dropout=0.0,
         tensor_model_parallel_size=tp,
+        # Pipeline stages pass hidden states of the parameters' dtype (engine/learner/pipeline.py).
+        pipeline_model_parallel_size=pp,
+        pipeline_dtype=params_dtype,
         params_dtype=params_dtype,
         bf16=params_dtype == torch.bfloat16,
         attention_softmax_in_fp32=True,
@@ -136,15 +150,48 @@ def transformer_config(hf_config: Any, s: Shape, *, tp: int, params_dtype: torch
         masked_softmax_fusion=False,
         gradient_accumulation_fusion=False,
         persist_layer_norm=False,
+        **(hf_moe.config_fields(s.moe, tp=tp) if s.moe else {}),
     )
 
 
-def build_gpt_model(hf_config: Any, s: Shape, tconfig: Any) -> torch.nn.Module:
-    """A Megatron GPTModel of the HF architecture, returning full-vocabulary logits on every TP rank."""
+ATTENTION_BACKENDS = ("sdpa", "local")
+
+
+def build_gpt_model(
+    hf_config: Any, s: Shape, tconfig: Any, attention: str = "sdpa", *, pp_rank: int = 0, pp: int = 1
+) -> torch.nn.Module:
+    """A Megatron GPTModel of the HF architecture, returning full-vocabulary logits on every TP rank.
+
+    pp > 1: the part of pipeline stage pp_rank (`stage_param_maps`), returning hidden states except on
+    the last stage. With tied embeddings the last stage's copy of the word embeddings stays as built
+    (zeros): Megatron would copy it from the first stage with a CUDA-only all-reduce, and the weights
+    loaded next fill both copies.
+
+    attention: "sdpa" (engine/learner/attention.py: torch's fused kernels, packed sequences) or "local"
+    (Megatron's DotProductAttention: an explicit [b, heads, s, s] softmax, no packed sequences).
+    """
     from megatron.core.models.gpt import GPTModel
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
-    spec = get_gpt_layer_local_spec(normalization="RMSNorm", qk_layernorm=s.qk_norm)
+    from engine.learner.attention import sdpa_layer_spec
+
+    experts = s.moe.experts if s.moe else None
+    if s.moe:
+        hf_moe.patch_megatron()
+    if attention == "sdpa":
+        spec = sdpa_layer_spec(s.qk_norm, num_experts=experts)
+    elif attention == "local":
+        spec = get_gpt_layer_local_spec(
+            num_experts=experts, moe_grouped_gemm=False, normalization="RMSNorm", qk_layernorm=s.qk_norm
+        )
+    else:
+        raise ValueError(f"attention must be one of {ATTENTION_BACKENDS}, got {attention!r}")
+    pg_collection = None
+    if pp > 1:
+        from megatron.core.process_groups_config import ProcessGroupCollection
+
+        pg_collection = ProcessGroupCollection.use_mpu_process_groups()
+        pg_collection.embd = None
     model = GPTModel(
         config=tconfig,
         transformer_layer_spec=spec,
@@ -155,28 +202,34 @@ def build_gpt_model(hf_config: Any, s: Shape, tconfig: Any) -> torch.nn.Module:
         rotary_percent=1.0,
         share_embeddings_and_output_weights=s.tied,
         parallel_output=False,
+        pre_process=pp_rank == 0,
+        post_process=pp_rank == pp - 1,
+        pg_collection=pg_collection,
     )
-    mark_tensor_parallel(model, s)
+    mark_tensor_parallel(model, s, pp_rank=pp_rank, pp=pp)
     return model
 
 
-def mark_tensor_parallel(model: torch.nn.Module, s: Shape) -> None:
+def mark_tensor_parallel(model: torch.nn.Module, s: Shape, *, pp_rank: int = 0, pp: int = 1) -> None:
     """Tag every parameter with Megatron's tensor-parallel attributes.
 
     Megatron sets them only while initialising weights; with perform_initialization=False (the weights
     come from a checkpoint) they would be missing, and code that must count each TP shard once (the
-    gradient norm) would count split parameters as duplicates.
+    gradient norm) would count split parameters as duplicates. Expert parameters also get Megatron's
+    `allreduce = False`: their gradients are summed over the expert-data-parallel group only.
     """
     from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
 
     params = dict(model.named_parameters())
-    for p in param_maps(s):
+    for p in stage_param_maps(s, pp_rank, pp):
         param = params[p.megatron]
         if not hasattr(param, "tensor_model_parallel"):
             split = p.kind != "rep"
             set_tensor_model_parallel_attributes(
                 param, split, 1 if p.kind == "row" else 0 if split else -1, 1
             )
+        if p.expert:
+            param.allreduce = False
 
 
 @dataclass(frozen=True)
@@ -188,9 +241,12 @@ class ParamMap:
     kind: str  # "qkv" | "gate_up" | "col" | "row" | "rep" | "vocab"
     # Replicated, but applied to this rank's heads only: its TP ranks' gradients must be summed.
     tp_partial_grad: bool = False
+    # One of this expert-parallel rank's experts (other EP ranks hold others: hf_moe.on_ep_rank).
+    expert: bool = False
 
 
-def param_maps(s: Shape) -> list[ParamMap]:
+def param_maps(s: Shape, ep_rank: int = 0) -> list[ParamMap]:
+    """Every Megatron parameter of the model, with the experts of expert-parallel rank ep_rank."""
     maps = [ParamMap("embedding.word_embeddings.weight", ("model.embed_tokens.weight",), "vocab")]
     for i in range(s.layers):
         m, h = f"decoder.layers.{i}.", f"model.layers.{i}."
@@ -204,11 +260,18 @@ def param_maps(s: Shape) -> list[ParamMap]:
             ),
             ParamMap(f"{m}self_attention.linear_proj.weight", (f"{attn}o_proj.weight",), "row"),
             ParamMap(f"{m}pre_mlp_layernorm.weight", (f"{h}post_attention_layernorm.weight",), "rep"),
-            ParamMap(
-                f"{m}mlp.linear_fc1.weight", (f"{h}mlp.gate_proj.weight", f"{h}mlp.up_proj.weight"), "gate_up"
-            ),
-            ParamMap(f"{m}mlp.linear_fc2.weight", (f"{h}mlp.down_proj.weight",), "row"),
         ]
+        if s.moe:
+            maps += hf_moe.mlp_maps(m, h, s.moe, ep_rank)
+        else:
+            maps += [
+                ParamMap(
+                    f"{m}mlp.linear_fc1.weight",
+                    (f"{h}mlp.gate_proj.weight", f"{h}mlp.up_proj.weight"),
+                    "gate_up",
+                ),
+                ParamMap(f"{m}mlp.linear_fc2.weight", (f"{h}mlp.down_proj.weight",), "row"),
+            ]
         if s.qkv_bias:
             maps.append(
                 ParamMap(
@@ -225,6 +288,55 @@ def param_maps(s: Shape) -> list[ParamMap]:
     maps.append(ParamMap("decoder.final_layernorm.weight", ("model.norm.weight",), "rep"))
     if not s.tied:
         maps.append(ParamMap("output_layer.weight", ("lm_head.weight",), "vocab"))
+    return maps
+
+
+def layers_per_stage(s: Shape, pp: int) -> int:
+    """The decoder layers of each of pp pipeline stages (Megatron's even split)."""
+    if s.layers % pp:
+        raise ConfigError(
+            f"the model's {s.layers} layers cannot be split evenly over pipeline_model_parallel_size={pp} "
+            "stages; choose a divisor of the layer count",
+            section="perf",
+            key="pipeline_model_parallel_size",
+        )
+    return s.layers // pp
+
+
+_LAYER = re.compile(r"^decoder\.layers\.(\d+)\.")
+
+
+def stage_param_maps(
+    s: Shape, pp_rank: int = 0, pp: int = 1, ep_rank: int = 0, *, tied_copy: bool = True
+) -> list[ParamMap]:
+    """`param_maps` of pipeline stage pp_rank of pp, named as that stage's GPTModel names them.
+
+    Stage r holds layers r*n .. r*n + n - 1 (n = layers / pp), named decoder.layers.0 .. n-1 there; the
+    embedding is on the first stage, the final norm and output layer on the last. With tied embeddings
+    and pp > 1 the last stage holds its own copy of the word embeddings as output_layer.weight, made of
+    the same HF tensor; tied_copy=False leaves it out (to export each HF tensor once).
+    """
+    if pp == 1:
+        return param_maps(s, ep_rank)
+    n = layers_per_stage(s, pp)
+    first, last = pp_rank == 0, pp_rank == pp - 1
+    maps = []
+    for p in param_maps(s, ep_rank):
+        layer = _LAYER.match(p.megatron)
+        if layer is not None:
+            local = int(layer.group(1)) - pp_rank * n
+            if 0 <= local < n:
+                maps.append(replace(p, megatron=f"decoder.layers.{local}.{p.megatron[layer.end() :]}"))
+        elif p.megatron.startswith("embedding."):
+            if first:
+                maps.append(p)
+        elif last:
+            maps.append(p)
+    if last and s.tied and tied_copy:
+        embedding = next(
+            p for p in param_maps(s, ep_rank) if p.megatron == "embedding.word_embeddings.weight"
+        )
+        maps.append(replace(embedding, megatron="output_layer.weight"))
     return maps
 
 
@@ -287,11 +399,20 @@ def to_hf(p: ParamMap, shards: list[torch.Tensor], s: Shape) -> list[torch.Tenso
 
 @torch.no_grad()
 def load_hf_weights(
-    model: torch.nn.Module, hf_state: dict[str, torch.Tensor], s: Shape, tp_rank: int, tp: int
+    model: torch.nn.Module,
+    hf_state: dict[str, torch.Tensor],
+    s: Shape,
+    tp_rank: int,
+    tp: int,
+    ep_rank: int = 0,
+    *,
+    pp_rank: int = 0,
+    pp: int = 1,
 ) -> None:
-    """Copy an HF state dict into a Megatron model's shard; every parameter must be covered exactly."""
+    """Copy an HF state dict into a Megatron model's shard (of pipeline stage pp_rank of pp); every
+    parameter must be covered exactly."""
     params = dict(model.named_parameters())
-    maps = param_maps(s)
+    maps = stage_param_maps(s, pp_rank, pp, ep_rank)
     expected = {p.megatron for p in maps}
     if set(params) != expected:
         raise RuntimeError(

@@ -1,8 +1,11 @@
 """Optimizer, learning-rate schedule and gradient synchronisation for a learner model (actor or critic).
 
 Guarantee: after `sync_and_clip`, every rank holds the same gradient (the sum over data-parallel ranks,
-TP-partial gradients summed over tensor-parallel ranks), the returned norm is the L2 norm of the full
-model's gradient with each TP shard counted once, and clipping scales all of it by one factor.
+TP-partial gradients summed over tensor-parallel ranks, the two pipeline stages' copies of tied
+embeddings summed), the returned norm is the L2 norm of the full model's gradient with each TP shard and
+each pipeline stage's parameters counted once, and clipping scales all of it by one factor. Under
+expert parallelism (ep > 1), expert parameters (Megatron's `allreduce = False`) are summed over the
+expert-data-parallel group instead, and the norm counts every EP rank's experts once.
 """
 
 from __future__ import annotations
@@ -68,20 +71,46 @@ def sync_and_clip(
     dp_group: Any,
     dp: int,
     max_norm: float,
+    pp_group: Any = None,
+    pp: int = 1,
+    embd_group: Any = None,
+    tied: list[torch.nn.Parameter] | None = None,
+    tied_copy: bool = False,
+    ep_group: Any = None,
+    ep: int = 1,
+    expert_dp_group: Any = None,
+    expert_dp: int = 1,
 ) -> float:
-    """Synchronise gradients across ranks, clip them to max_norm (0: no clipping), return the norm."""
+    """Synchronise gradients across ranks, clip them to max_norm (0: no clipping), return the norm.
+
+    params: this pipeline stage's parameters (pp stages in pp_group). tied: this stage's copy of weights
+    another stage also holds (the word embeddings of the first stage and the output layer of the last,
+    with tied embeddings): their gradients are summed over embd_group, and the copy (tied_copy: this
+    stage's is not the original) is left out of the norm."""
     if tp > 1:  # replicated parameters each rank applies to its own heads only (QK norms), as Megatron
         allreduce_sum([p.grad for p in tp_partial if p.grad is not None], tp_group)
     grads = [p for p in params if p.grad is not None]
+    experts = {id(p) for p in grads if ep > 1 and not getattr(p, "allreduce", True)}
     if dp > 1:
-        allreduce_sum([p.grad for p in grads], dp_group)
-    sq = torch.zeros(1, dtype=torch.float64)
+        allreduce_sum([p.grad for p in grads if id(p) not in experts], dp_group)
+    if expert_dp > 1:
+        allreduce_sum([p.grad for p in grads if id(p) in experts], expert_dp_group)
+    if tied:  # as Megatron's finalize_model_grads: both copies get the sum of their gradients
+        allreduce_sum([p.grad for p in tied], embd_group)
+    copies = {id(p) for p in tied or []} if tied_copy else set()
+    sq = torch.zeros(2, dtype=torch.float64)  # [other parameters, this EP rank's experts]
     for p in grads:
-        if param_is_not_tensor_parallel_duplicate(p):
-            sq += p.grad.detach().double().square().sum()
+        if param_is_not_tensor_parallel_duplicate(p) and id(p) not in copies:
+            sq[int(id(p) in experts)] += p.grad.detach().double().square().sum()
     if tp > 1:
         dist.all_reduce(sq, group=tp_group)
-    norm = float(sq.sqrt())
+    if pp > 1:
+        dist.all_reduce(sq, group=pp_group)
+    if ep > 1:  # each EP rank holds other experts
+        expert_sq = sq[1:].clone()
+        dist.all_reduce(expert_sq, group=ep_group)
+        sq[1:] = expert_sq
+    norm = float(sq.sum().sqrt())
     if max_norm > 0 and norm > max_norm:
         scale = max_norm / (norm + 1e-6)
         for p in grads:

@@ -6,13 +6,18 @@ Guarantees, for a rollout of samples:
   the first step; so the first step's ppo_kl is exactly 0 and no forward pass is spent twice;
 - each optimizer step's gradient is the gradient of the global-batch loss (micro-batch shares are
   normalised by global token/sample counts, then summed over micro-batches and data-parallel ranks);
-- `export_hf` returns, on rank 0, the full model as HF-named tensors (TP shards gathered, vocabulary
-  padding removed).
+- with pipeline parallelism (engine/learner/pipeline.py) each stage holds its layers, the last stage
+  computes log-probs, advantages and losses, and metrics and log-probs reach every stage from it;
+- `export_hf` returns, on rank 0, the full model as HF-named tensors (TP shards, the experts of all
+  expert-parallel ranks and all pipeline stages gathered, vocabulary padding removed);
+- `save_state` / a spec with `resume_from` write and restore the whole rank state exactly
+  (engine/learner/checkpoint.py).
 """
 
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -20,11 +25,13 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state as mpu
 
+from engine.checkpoint import is_iteration
 from engine.cluster import pin_to_core
 from engine.hf_config import load_hf_config, torch_dtype
-from engine.learner import hf_bridge
+from engine.learner import hf_bridge, hf_moe, pipeline
 from engine.learner.advantages import assign_advantages
-from engine.learner.batching import MicroBatch, chunk, make_micro_batch, split_rollout
+from engine.learner.batching import MicroBatch, chunk, chunk_by_tokens, make_micro_batch, split_rollout
+from engine.learner.checkpoint import MODEL, load_learner, load_model, save_learner
 from engine.learner.config import LearnerSpec
 from engine.learner.critic import Critic
 from engine.learner.loss import CustomLoss, policy_objective, token_logprobs
@@ -45,32 +52,52 @@ class LearnerWorker:
         self.model_cfg, self.ckpt, self.perf, self.algo = spec.model, spec.ckpt, spec.perf, spec.algo
         self.opt_cfg, self.temperature = spec.optimizer, spec.temperature
         model, ckpt, optimizer, total_steps = spec.model, spec.ckpt, spec.optimizer, spec.total_steps
-        tp = self.perf.tensor_model_parallel_size
-        init_parallel(rank, world_size, tp, master, spec.seed)
+        tp, pp = self.perf.tensor_model_parallel_size, self.perf.pipeline_model_parallel_size
+        init_parallel(rank, world_size, tp, master, spec.seed, pp=pp, ep=self.perf.expert_model_parallel_size)
+        self.stage, self.pp = pipeline.Stage.current(), pp
         self.tp_group = mpu.get_tensor_model_parallel_group()
         self.dp_group = mpu.get_data_parallel_group()
         self.tp_rank, self.tp = mpu.get_tensor_model_parallel_rank(), tp
         self.dp_rank, self.dp = mpu.get_data_parallel_rank(), mpu.get_data_parallel_world_size()
+        # MoE experts: ep ranks hold different experts (ep = 1: every rank holds all of them).
+        self.ep_group, self.ep = mpu.get_expert_model_parallel_group(), self.perf.expert_model_parallel_size
+        self.ep_rank = mpu.get_expert_model_parallel_rank()
 
         self.hf_config = load_hf_config(ckpt.hf_checkpoint, model.overrides)
         self.shape = hf_bridge.shape_of(
-            self.hf_config, tp=tp, divisible_by=model.make_vocab_size_divisible_by
+            self.hf_config, tp=tp, divisible_by=model.make_vocab_size_divisible_by, ep=self.ep
         )
-        self.model = self._build(ckpt.load or ckpt.hf_checkpoint)
+        hf_bridge.layers_per_stage(self.shape, pp)  # a ConfigError unless the layers split evenly
+        init = spec.init_from or ckpt.hf_checkpoint
+        self.model = self._build(init)
         self.ref_model = None
         if self.algo.needs_reference:
             self.ref_model = self._build(ckpt.ref_load or ckpt.hf_checkpoint)
             self.ref_model.requires_grad_(False)
         params = dict(self.model.named_parameters())
-        tp_partial = [p.megatron for p in hf_bridge.param_maps(self.shape) if p.tp_partial_grad]
+        maps = hf_bridge.stage_param_maps(self.shape, self.stage.rank, pp)
+        tp_partial = [p.megatron for p in maps if p.tp_partial_grad]
         self._tp_partial = [params[name] for name in tp_partial]
         self._groups = {"tp_group": self.tp_group, "tp": tp, "dp_group": self.dp_group, "dp": self.dp}
+        self._groups.update(
+            pp_group=self.stage.group, pp=pp, embd_group=mpu.get_embedding_group(check_initialized=False)
+        )
+        # Tied embeddings over stages: the first stage's word embeddings and the last stage's copy.
+        tied = {0: "embedding.word_embeddings.weight", pp - 1: "output_layer.weight"}.get(self.stage.rank)
+        self._tied = [params[tied]] if self.shape.tied and pp > 1 and tied else []
+        if self.ep > 1:
+            self._groups.update(
+                ep_group=self.ep_group,
+                ep=self.ep,
+                expert_dp_group=mpu.get_expert_data_parallel_group(),
+                expert_dp=mpu.get_expert_data_parallel_world_size(),
+            )
         self.optimizer = make_optimizer(self.model, optimizer, optimizer.lr)
         self.scheduler = make_scheduler(self.optimizer, optimizer, total_steps, optimizer.lr)
         self.critic = None
         if self.algo.needs_critic:
             self.critic = Critic(
-                self._build(ckpt.load or ckpt.hf_checkpoint),
+                self._build(init),
                 algo=self.algo,
                 optimizer=optimizer,
                 total_steps=total_steps,
@@ -78,20 +105,33 @@ class LearnerWorker:
                 hidden=self.shape.hidden,
                 tp_partial_names=tp_partial,
                 groups=self._groups,
+                stage=self.stage,
             )
         self.custom_loss: CustomLoss | None = None
         if self.algo.custom_loss_function_path:
             from engine.rollout.rewards import load_object
 
             self.custom_loss = load_object(self.algo.custom_loss_function_path)
+        if spec.resume_from:
+            load_learner(self, Path(spec.resume_from))
 
     # --- set-up -------------------------------------------------------------------------------------
 
     def _build(self, weights_from: str) -> torch.nn.Module:
         dtype = torch_dtype(self.model_cfg.params_dtype)
-        tconfig = hf_bridge.transformer_config(self.hf_config, self.shape, tp=self.tp, params_dtype=dtype)
-        model = hf_bridge.build_gpt_model(self.hf_config, self.shape, tconfig)
-        hf_bridge.load_hf_weights(model, load_hf_state(weights_from), self.shape, self.tp_rank, self.tp)
+        stage = {"pp_rank": self.stage.rank, "pp": self.pp}
+        tconfig = hf_bridge.transformer_config(
+            self.hf_config, self.shape, tp=self.tp, params_dtype=dtype, pp=self.pp
+        )
+        model = hf_bridge.build_gpt_model(
+            self.hf_config, self.shape, tconfig, attention=self.perf.attention_backend, **stage
+        )
+        if is_iteration(weights_from):  # a checkpoint of this engine: Megatron's format
+            load_model(model, Path(weights_from) / MODEL)
+        else:
+            hf_bridge.load_hf_weights(
+                model, load_hf_state(weights_from), self.shape, self.tp_rank, self.tp, self.ep_rank, **stage
+            )
         return model
 
     def ready(self) -> dict[str, Any]:
@@ -99,6 +139,7 @@ class LearnerWorker:
             "rank": self.rank,
             "tp_rank": self.tp_rank,
             "dp_rank": self.dp_rank,
+            "pp_rank": self.stage.rank,
             "params": self.num_params(),
         }
 
@@ -107,33 +148,48 @@ class LearnerWorker:
 
     # --- forward ------------------------------------------------------------------------------------
 
-    def _logits(self, model: torch.nn.Module, mb: MicroBatch) -> torch.Tensor:
-        logits = model(mb.tokens, mb.positions, attention_mask=mb.causal_mask())
-        return logits[:, :-1, : self.shape.vocab]
+    def _logprobs(
+        self, mb: MicroBatch, output: torch.Tensor, *, with_entropy: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Log-probs (and entropies) of mb's targets from the model's logits, in the padded shifted layout
+        whether packed or not."""
+        logits = output[:, :-1, : self.shape.vocab]
+        logp, entropy = token_logprobs(
+            logits, mb.model_targets(), self.temperature, with_entropy=with_entropy
+        )
+        return mb.unpack(logp), None if entropy is None else mb.unpack(entropy)
+
+    def _run(
+        self, model: torch.nn.Module, mbs: list[MicroBatch], fn: pipeline.StepFn, *, forward_only: bool
+    ) -> list:
+        """fn(mb, model output) for each micro-batch, through the pipeline stages if there are several."""
+        return pipeline.run(model, mbs, fn, stage=self.stage, forward_only=forward_only)
 
     @torch.no_grad()
+    def _forward_logprobs(self, model: torch.nn.Module, mbs: list[MicroBatch]) -> list[torch.Tensor]:
+        """Each micro-batch's log-probs on the last pipeline stage ([] on the others)."""
+        model.eval()
+        return self._run(model, mbs, lambda mb, out: (None, self._logprobs(mb, out)[0]), forward_only=True)
+
     def _recompute_old(self, micro_batches: list[MicroBatch]) -> None:
-        self.model.eval()
-        for mb in micro_batches:
-            mb.old_logp, _ = token_logprobs(self._logits(self.model, mb), mb.targets, self.temperature)
+        for mb, logp in zip(micro_batches, self._forward_logprobs(self.model, micro_batches), strict=False):
+            mb.old_logp = logp
 
-    @torch.no_grad()
     def _recompute_ref(self, micro_batches: list[MicroBatch]) -> None:
         assert self.ref_model is not None
-        self.ref_model.eval()
-        for mb in micro_batches:
-            mb.ref_logp, _ = token_logprobs(self._logits(self.ref_model, mb), mb.targets, self.temperature)
+        for mb, logp in zip(
+            micro_batches, self._forward_logprobs(self.ref_model, micro_batches), strict=False
+        ):
+            mb.ref_logp = logp
 
     def compute_logprobs(self, samples: list[Sample]) -> list[np.ndarray]:
         """The learner's log-probs of each sample's response tokens at the current weights."""
         mbs = [make_micro_batch(samples[i : i + 1], [i]) for i in range(len(samples))]
-        self._recompute_old(mbs)
         out = []
-        for mb, x in zip(mbs, samples, strict=True):
+        for logp, x in zip(self._forward_logprobs(self.model, mbs), samples, strict=False):
             p = len(x.prompt_array)
-            assert mb.old_logp is not None
-            out.append(mb.old_logp[0, p - 1 : p - 1 + x.response_len].numpy().copy())
-        return out
+            out.append(logp[0, p - 1 : p - 1 + x.response_len].numpy().copy())
+        return pipeline.from_last_stage(out, self.stage)
 
     # --- training -----------------------------------------------------------------------------------
 
@@ -142,11 +198,7 @@ class LearnerWorker:
         t0 = time.perf_counter()
         plan = split_rollout(len(samples), num_steps, self.dp_rank, self.dp)
         global_per_step = len(samples) // num_steps
-        size = self.perf.micro_batch_size
-        steps = [
-            [make_micro_batch([samples[i] for i in part], part) for part in chunk(indices, size)]
-            for indices in plan
-        ]
+        steps = [self._micro_batches(samples, indices) for indices in plan]
         # KL reward shaping needs the old log-probs before any step; otherwise the first step's forward
         # runs at these very weights on these very micro-batches, and its own log-probs (detached) are
         # the old log-probs: no separate pass for them.
@@ -163,7 +215,9 @@ class LearnerWorker:
                 self.critic.values(mbs)
         rewards = torch.tensor([x.reward for x in samples], dtype=torch.float32)
         group_ids = torch.tensor([x.group_id for x in samples])
-        assign_advantages(self.algo, [mb for mbs in steps for mb in mbs], rewards, group_ids, self._dp_sum)
+        if self.stage.last:  # only the last pipeline stage computes losses (its data-parallel group sums)
+            all_mbs = [mb for mbs in steps for mb in mbs]
+            assign_advantages(self.algo, all_mbs, rewards, group_ids, self._dp_sum)
         recompute_s = time.perf_counter() - t0
         metrics = []
         for step, mbs in enumerate(steps):
@@ -174,6 +228,19 @@ class LearnerWorker:
         for m in metrics:
             m["recompute_time"] = recompute_s / len(metrics)
         return metrics
+
+    def _micro_batches(self, samples: list[Sample], indices: list[int]) -> list[MicroBatch]:
+        """One step's micro-batches: micro_batch_size samples each, padded; or, with dynamic batching, by
+        token budget, each packed into one row."""
+        if not self.perf.use_dynamic_batch_size:
+            parts = chunk(indices, self.perf.micro_batch_size)
+            # Expert-parallel ranks all-gather their tokens in every MoE layer: equal shapes on all ranks.
+            pad = max(len(x.prompt_array) + x.response_len for x in samples) if self.ep > 1 else None
+            return [make_micro_batch([samples[i] for i in part], part, pad_to=pad) for part in parts]
+        assert self.perf.max_tokens_per_gpu is not None
+        lengths = [len(samples[i].prompt_array) + samples[i].response_len for i in indices]
+        parts = chunk_by_tokens(indices, lengths, self.perf.max_tokens_per_gpu)
+        return [make_micro_batch([samples[i] for i in part], part, packed=True) for part in parts]
 
     def _dp_sum(self, t: torch.Tensor) -> torch.Tensor:
         if self.dp > 1:
@@ -187,11 +254,10 @@ class LearnerWorker:
         self.optimizer.zero_grad(set_to_none=True)
         shares: dict[str, float] = {}
         sums: dict[str, float] = {"entropy": 0.0, "advantages": 0.0}
-        for mb in mbs:
+
+        def loss_share(mb: MicroBatch, output: torch.Tensor) -> tuple[torch.Tensor, None]:
             assert mb.advantages is not None
-            logp, entropy = token_logprobs(
-                self._logits(self.model, mb), mb.targets, self.temperature, with_entropy=True
-            )
+            logp, entropy = self._logprobs(mb, output, with_entropy=True)
             if mb.old_logp is None:  # the rollout's first optimizer step
                 mb.old_logp = logp.detach()
             assert entropy is not None
@@ -210,17 +276,21 @@ class LearnerWorker:
                 samples=samples,
                 custom_loss=self.custom_loss,
             )
-            loss.backward()
             sums["entropy"] += float((entropy.detach() * mb.mask).sum())
             sums["advantages"] += float((mb.advantages * mb.mask).sum())
             for k, v in mb_shares.items():
                 shares[k] = shares.get(k, 0.0) + float(v)
             for k, v in mb_sums.items():
                 sums[k] = sums.get(k, 0.0) + float(v)
+            return loss, None
+
+        self._run(self.model, mbs, loss_share, forward_only=False)
         grad_norm = sync_and_clip(
             list(self.model.parameters()),
             tp_partial=self._tp_partial,
             max_norm=self.opt_cfg.clip_grad,
+            tied=self._tied,
+            tied_copy=not self.stage.first,
             **self._groups,
         )
         same = {"grad_norm": grad_norm, "lr": self.optimizer.param_groups[0]["lr"]}
@@ -235,6 +305,7 @@ class LearnerWorker:
                 else:
                     shares[k] = v
         reduced = self._allreduce_stats({**shares, **{f"sum/{k}": v for k, v in sums.items()}})
+        reduced = pipeline.from_last_stage(reduced, self.stage)  # losses are the last stage's
         out = {k: v for k, v in reduced.items() if not k.startswith("sum/")}
         out.update({k[4:]: v / max(tokens, 1.0) for k, v in reduced.items() if k.startswith("sum/")})
         out.update(same)
@@ -255,17 +326,27 @@ class LearnerWorker:
         """Full HF-named weights on global rank 0 (every rank must call this)."""
         params = dict(self.model.named_parameters())
         out: dict[str, torch.Tensor] = {}
-        for p in hf_bridge.param_maps(self.shape):
+        # Each pipeline stage's rank at global rank 0's place collects; the stages then send to rank 0.
+        keep = self.tp_rank == 0 and self.dp_rank == 0
+        maps = hf_bridge.stage_param_maps(self.shape, self.stage.rank, self.pp, self.ep_rank, tied_copy=False)
+        for p in maps:
             local = params[p.megatron].detach().contiguous()
             if self.tp > 1:
                 shards = [torch.empty_like(local) for _ in range(self.tp)]
                 dist.all_gather(shards, local, group=self.tp_group)
             else:
                 shards = [local]
-            if self.rank == 0:
-                for name, tensor in zip(p.hf, hf_bridge.to_hf(p, shards, self.shape), strict=True):
-                    out[name] = tensor.clone()
+            for q, q_shards in hf_moe.over_ep_ranks(p, shards, self.shape.moe, self.ep_group):
+                if keep:
+                    for name, tensor in zip(q.hf, hf_bridge.to_hf(q, q_shards, self.shape), strict=True):
+                        out[name] = tensor.clone()
+        if self.pp > 1:
+            return pipeline.gather_to_rank0(out)
         return out if self.rank == 0 else None
+
+    def save_state(self, path: str) -> None:
+        """Write this rank's state into an iteration directory (every rank must call this)."""
+        save_learner(self, Path(path))
 
     def save_hf(self, path: str) -> str | None:
         """Write an HF checkpoint of the current weights (rank 0 writes; every rank must call this)."""

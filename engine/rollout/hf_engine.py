@@ -3,7 +3,8 @@
 Guarantees: each response token comes with log_softmax(logits / temperature) of that token and the
 policy version of the weights that produced it; a request stops at any of its stop tokens (the model's
 EOS included, and kept as the last response token) or at max_new_tokens; `load_weights` replaces
-every parameter in place from HF-named tensors, refusing unknown, missing or misshapen names.
+every parameter in place from HF-named tensors (checkpoint or in-memory names), refusing unknown,
+missing or misshapen names.
 """
 
 from __future__ import annotations
@@ -53,7 +54,13 @@ class HFEngine:
         self._params = dict(self.model.named_parameters())
 
     def load_weights(self, named: Mapping[str, torch.Tensor], version: int) -> None:
-        """Copy HF-named tensors into the model in place and record the new policy version."""
+        """Copy HF-named tensors into the model in place and record the new policy version.
+
+        Per-expert checkpoint names (`mlp.experts.{e}.gate_proj.weight`) are fused into the model's 3-D
+        expert parameters first (engine/learner/hf_moe.py)."""
+        from engine.learner.hf_moe import to_transformers_layout
+
+        named = to_transformers_layout(named, self._params)
         unknown = sorted(set(named) - set(self._params))
         missing = sorted(set(self._params) - set(named))
         if unknown or missing:

@@ -8,18 +8,18 @@ It runs on uvloop in its own thread inside a Ray actor (engine/rollout/producer_
   its earlier tokens, log-probs and versions intact;
 - a finished group is sent (to its batch) or counted under a reason; a surplus group (its batch filled
   first) is aborted and cached for partial rollout or counted as dropped; cached groups resume first;
-- any failure (engine, reward, filter, socket) ends `run` with that error.
+- any failure (engine, reward, filter, socket) ends `run` with that error;
+- `snapshot` at a version boundary gives what a resumed producer needs to train every prompt of the
+  stream once (engine/rollout/progress.py), and a producer built with `resume=` continues from it.
 """
 
 from __future__ import annotations
 
-import abc
 import asyncio
 import itertools
 import time
 from collections import Counter, deque
 from collections.abc import Awaitable, Iterable
-from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import msgspec
@@ -30,6 +30,16 @@ from engine.rollout.data import Prompt, PromptOrder
 from engine.rollout.engines import InferenceEngine
 from engine.rollout.eval_metrics import eval_set_metrics
 from engine.rollout.filters import resolve_filter, verdict
+from engine.rollout.progress import (
+    Group,
+    PartialStore,
+    Pending,
+    Progress,
+    RayPartialStore,
+    Response,
+    RolloutState,
+    group_from_samples,
+)
 from engine.rollout.rewards import RewardPool
 from engine.rollout.sampling import derive_seed
 from engine.rollout.scheduler import BatchScheduler
@@ -39,30 +49,7 @@ from engine.wire import GenerateRequest, Sample, SamplingParams
 STATUS = {"stop": "completed", "length": "truncated", None: "aborted"}
 TRAIN, EVAL = 1, 2  # seed domains
 T = TypeVar("T")
-
-
-@dataclass
-class Response:
-    """One response in the making: its tokens so far (with log-probs, versions, loss mask)."""
-
-    seed: int
-    budget: int
-    tokens: list[int] = field(default_factory=list)
-    logprobs: list[float] = field(default_factory=list)
-    versions: list[int] = field(default_factory=list)
-    mask: list[int] = field(default_factory=list)
-    finish: str | None = None  # "stop" | "length" once done
-    reward: float = 0.0
-    text: str = ""
-
-
-@dataclass
-class Group:
-    prompt: Prompt
-    responses: list[Response]
-    seq: int = -1
-    rids: set[int] = field(default_factory=set)
-    engine: int = -1
+__all__ = ["Group", "PartialStore", "Producer", "RayPartialStore", "Response"]
 
 
 async def gather_all(coros: Iterable[Awaitable[T]]) -> list[T]:
@@ -73,33 +60,6 @@ async def gather_all(coros: Iterable[Awaitable[T]]) -> list[T]:
     except ExceptionGroup as eg:
         raise eg.exceptions[0] from eg
     return [t.result() for t in tasks]
-
-
-class PartialStore(abc.ABC):
-    """Where partial groups wait between rounds (the buffer): put a group's samples, take groups back."""
-
-    def __init__(self, sink: SampleSink) -> None:
-        self.sink = sink
-        self.sent = 0
-
-    async def put(self, samples: list[Sample]) -> None:
-        await self.sink.send(samples)
-        self.sent += 1
-
-    @abc.abstractmethod
-    async def take(self, n: int) -> list[list[Sample]]:
-        """Up to n cached groups, once every group put so far has arrived."""
-
-
-class RayPartialStore(PartialStore):
-    """The buffer actor's partial-rollout cache, fed through the sample stream."""
-
-    def __init__(self, sink: SampleSink, buffer: Any) -> None:
-        super().__init__(sink)
-        self.buffer = buffer
-
-    async def take(self, n: int) -> list[list[Sample]]:
-        return await self.buffer.take_partials.remote(n, self.sent)
 
 
 class Producer:
@@ -118,6 +78,7 @@ class Producer:
         *,
         num_batches: int,
         partials: PartialStore | None = None,
+        resume: RolloutState | None = None,
     ) -> None:
         self.cfg, self.eval_cfg = rollout, evaluation
         self.tokenizer = tokenizer
@@ -152,6 +113,38 @@ class Producer:
         self._max_groups = max(1, rollout.max_concurrency // rollout.n_samples_per_prompt)
         self._rids = itertools.count()
         self._in_flight = [0] * len(engines)
+        self.progress = Progress()
+        self._pending: deque[Pending] = deque()
+        self.start_version = 0
+        if resume is not None:
+            self._restore(resume)
+
+    def _restore(self, state: RolloutState) -> None:
+        """Continue from a checkpoint: the prompt order's position, group ids, pending groups first (the
+        cached ones are back in the buffer)."""
+        order = self.order
+        self.order = PromptOrder(
+            order.size, shuffle=order.shuffle, seed=order.seed, epoch=state.epoch, offset=state.offset
+        )
+        self.scheduler.resume_at(state.version, state.next_seq)
+        self.start_version = state.version
+        self.progress = Progress(state.dropped, state.cached)
+        self._pending.extend(state.pending)
+        self.counts["partials_restored"] = len(state.cached)
+        self.counts["groups_pending_restored"] = len(state.pending)
+
+    def snapshot(self, version: int) -> RolloutState:
+        """What a resumed run needs, at the boundary where the learner holds `version`."""
+        if version != self.version:
+            raise RuntimeError(f"snapshot at version {version}, but the producer is at {self.version}")
+        return self.progress.snapshot(
+            version=version,
+            epoch=self.order.epoch,
+            offset=self.order.offset,
+            next_seq=self.scheduler.next_seq,
+            held=self._held,
+            waiting=self._pending,
+        )
 
     # --- versions and admission ---------------------------------------------------------------------
 
@@ -161,6 +154,7 @@ class Producer:
 
     async def set_version(self, version: int) -> None:
         self.scheduler.set_version(version)
+        self.progress.advance(version)
         await self._abort_surplus()
         self._changed.set()
 
@@ -171,44 +165,34 @@ class Producer:
                 await self.engines[group.engine].abort(sorted(group.rids))
 
     def _new_group(self) -> Group:
-        position, index = self.order.next()
+        """Admit the next prompt's group: the checkpoint's pending groups first (their own group ids,
+        positions and seeds), then the prompt order's next."""
+        seq = None
+        if self._pending:
+            p = self._pending.popleft()
+            seq, position, index = p.seq, p.position, p.prompt_index
+        else:
+            position, index = self.order.next()
         n = self.cfg.n_samples_per_prompt
         seeds = [derive_seed(self.cfg.seed, TRAIN, position, i) for i in range(n)]
-        budget = self.cfg.max_response_len
-        return Group(self.prompts[index], [Response(seed=s, budget=budget) for s in seeds])
+        responses = [Response(seed=s, budget=self.cfg.max_response_len) for s in seeds]
+        group = Group(self.prompts[index], responses, position=position)
+        group.seq = self.scheduler.admit(seq=seq)
+        return group
 
     async def _resumable(self, room: int) -> None:
         """Take cached partial groups back from the buffer (oldest first, or as the buffer filter picks)."""
-        store = self.partials
-        if store is None or room <= 0 or self.counts["partials_cached"] <= self.counts["partials_taken"]:
+        store, c = self.partials, self.counts
+        if store is None or room <= 0 or c["partials_cached"] + c["partials_restored"] <= c["partials_taken"]:
             return
         for samples in await store.take(room):
             self.counts["partials_taken"] += 1
-            self._held.append(self._from_samples(samples))
-
-    def _from_samples(self, samples: list[Sample]) -> Group:
-        first = samples[0]
-        prompt = Prompt(
-            index=first.prompt_index,
-            token_ids=tuple(int(t) for t in first.prompt_array),
-            text="",
-            label=first.label,
-            metadata=first.metadata,
-        )  # responses keep their own seeds, so the prompt's stream position is not needed again
-        masked = self.cfg.mask_offpolicy_in_partial_rollout
-        responses = [
-            Response(
-                seed=x.seed,
-                budget=self.cfg.max_response_len,
-                tokens=x.response_array.tolist(),
-                logprobs=x.logprob_array.tolist(),
-                versions=x.version_array.tolist(),
-                mask=[0] * x.response_len if masked else x.mask_array.tolist(),
-                finish={"completed": "stop", "truncated": "length"}.get(x.status),
+            self.progress.taken(samples)
+            self._held.append(
+                group_from_samples(
+                    samples, self.cfg.max_response_len, self.cfg.mask_offpolicy_in_partial_rollout
+                )
             )
-            for x in samples
-        ]
-        return Group(prompt, responses)
 
     def _base_version(self, group: Group) -> int | None:
         """Oldest version among the tokens this group will train on (None: none yet, i.e. now)."""
@@ -237,13 +221,15 @@ class Producer:
         c = self.counts
         return {
             "groups_started": c["groups_started"],
-            "groups_assigned": sum(self.scheduler.filled),
+            "groups_assigned": sum(self.scheduler.filled[self.start_version :]),
             "groups_filtered": dict(self.scheduler.dropped),
             "groups_kept_by_fallback": c["kept_by_fallback"],
             "surplus_cached": c["partials_cached"],
             "surplus_dropped": c["dropped_surplus"],
             "surplus_finished_dropped": c["dropped_surplus_finished"],
             "partials_resumed": c["partials_resumed"],
+            "partials_restored": c["partials_restored"],
+            "groups_pending_restored": c["groups_pending_restored"],
             "partials_too_stale": c["dropped_partial_too_stale"],
             "partials_held": len(self._held),
             "partials_taken": c["partials_taken"],
@@ -255,14 +241,16 @@ class Producer:
     async def _admit_next(self) -> Group | None:
         if len(self.scheduler.running) >= self._max_groups or self.scheduler.capacity() <= 0:
             return None
-        await self._resumable(self.scheduler.capacity())
-        while self._held:
+        if not self._pending:
+            await self._resumable(self.scheduler.capacity())
+        while self._held and not self._pending:
             group = self._held[0]
             base = self._base_version(group)
             deadline = (self.version if base is None else base) + self.cfg.max_staleness
             if deadline < self.version or self.scheduler.free(deadline) == 0:
                 self._held.popleft()  # its window has passed or filled: it can never be trained
                 self.counts["dropped_partial_too_stale"] += 1
+                self.progress.drop()
                 continue
             if self.scheduler.capacity(base) <= 0:
                 return None
@@ -272,8 +260,8 @@ class Producer:
             break
         else:
             group = self._new_group()
-            group.seq = self.scheduler.admit()
         self._groups[group.seq] = group
+        self.progress.opened(group)
         self.counts["groups_started"] += 1
         return group
 
@@ -300,7 +288,9 @@ class Producer:
             if batch is None:
                 if keep:  # no room left in its window: the batch filled while it ran
                     self.counts["dropped_surplus_finished"] += 1
+                self.progress.drop(group)
                 return
+            self.progress.assigned(group, batch)
             await self.sink.send([self._sample(group, i, batch) for i in range(len(group.responses))])
             self.counts["samples_sent"] += len(group.responses)
         finally:
@@ -312,8 +302,11 @@ class Producer:
         """A surplus group: into the partial-rollout cache (resumed later) or counted as dropped."""
         if self.partials is None:
             self.counts["dropped_surplus"] += 1
+            self.progress.drop(group)
             return
-        await self.partials.put([self._sample(group, i, batch=-1) for i in range(len(group.responses))])
+        samples = [self._sample(group, i, batch=-1) for i in range(len(group.responses))]
+        self.progress.set_aside(group, samples)
+        await self.partials.put(samples)
         self.counts["partial_samples_sent"] += len(group.responses)
         self.counts["partials_cached"] += 1
 

@@ -1,8 +1,9 @@
 """The producer's Ray actor: a Producer on a uvloop event loop in a thread of its own.
 
-Ray calls (run, set_version, evaluate, stats) are handed to that loop and block the calling actor
-thread until done, so the actor must be threaded (max_concurrency >= 4): run() lasts the whole training
-while the controller keeps calling the others.
+Ray calls (run, set_version, snapshot, evaluate, stats) are handed to that loop and block the calling
+actor thread until done, so the actor must be threaded (max_concurrency >= 4): run() lasts the whole
+training while the controller keeps calling the others. A snapshot runs between two steps of that loop,
+so it sees every group in one state (engine/rollout/progress.py).
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ import uvloop
 from engine.rollout.config import EvalConfig, RolloutConfig
 from engine.rollout.data import Prompt
 from engine.rollout.engines import InferenceEngine, RayEngineClient
-from engine.rollout.producer import Producer, RayPartialStore
+from engine.rollout.producer import Producer
+from engine.rollout.progress import RayPartialStore, decode_state, encode_state
 from engine.rollout.rewards import RewardPool
 from engine.transport import ZmqSampleSink
 
@@ -36,6 +38,7 @@ class ProducerActor:
         buffer: Any,
         buffer_address: str,
         num_batches: int,
+        resume: bytes | None = None,
     ) -> None:
         from transformers import AutoTokenizer
 
@@ -60,6 +63,7 @@ class ProducerActor:
                 self._rewards,
                 num_batches=num_batches,
                 partials=partials,
+                resume=None if resume is None else decode_state(resume),
             )
 
         self.producer: Producer = self._call(build())
@@ -78,6 +82,14 @@ class ProducerActor:
         if any(v != version for v in applied):
             raise RuntimeError(f"engines report versions {applied}, expected {version}")
         self._call(self.producer.set_version(version))
+
+    def snapshot(self, version: int) -> bytes:
+        """The producer's part of a checkpoint at `version` (an encoded RolloutState)."""
+
+        async def take() -> bytes:
+            return encode_state(self.producer.snapshot(version))
+
+        return self._call(take())
 
     def evaluate(self, name: str) -> dict[str, float]:
         return self._call(self.producer.evaluate(name))

@@ -11,7 +11,9 @@ Guarantees, whatever the order in which groups finish:
 - each batch receives exactly B groups, and every finished group ends in exactly one batch or is
   counted once under a reason;
 - liveness: finished groups take the earliest batch that leaves room for the groups still running
-  (earliest-deadline-first), so running groups are not crowded out of their windows.
+  (earliest-deadline-first), so running groups are not crowded out of their windows;
+- resume: after `resume_at(v, next_seq)` batches below v count as trained and full, and group ids
+  continue from next_seq; `admit(seq=...)` restarts a group pending at the checkpoint under its own id.
 """
 
 from __future__ import annotations
@@ -46,6 +48,20 @@ class BatchScheduler:
         self.dropped: Counter[str] = Counter()
         self._next_seq = 0
         self._full = 0  # batches holding B groups
+
+    @property
+    def next_seq(self) -> int:
+        """The id the next new group gets."""
+        return self._next_seq
+
+    def resume_at(self, version: int, next_seq: int) -> None:
+        """Continue a run from a checkpoint: batches below version were trained (full) in an earlier run,
+        and group ids up to next_seq were given out there."""
+        if not 0 <= version <= self.N:
+            raise ValueError(f"version {version} is outside 0..{self.N}")
+        self.version, self._next_seq = version, next_seq
+        self.filled[:version] = [self.B] * version
+        self._full = version
 
     # --- slots --------------------------------------------------------------------------------------
 
@@ -82,13 +98,17 @@ class BatchScheduler:
             return 0
         return max(0, free + self.slack - len(self.running))
 
-    def admit(self, base_version: int | None = None) -> int:
-        """Start a group (base_version: the version of its oldest trained token; default now)."""
+    def admit(self, base_version: int | None = None, seq: int | None = None) -> int:
+        """Start a group (base_version: the version of its oldest trained token; default now). seq: the
+        group id of a group pending at the checkpoint this run resumed from (default: the next one)."""
         base = self.version if base_version is None else base_version
         if self.capacity(base) <= 0:
             raise RuntimeError("no capacity")
-        seq = self._next_seq
-        self._next_seq += 1
+        if seq is None:
+            seq = self._next_seq
+            self._next_seq += 1
+        elif seq in self.groups or seq >= self._next_seq:
+            raise ValueError(f"group id {seq} is taken or not yet issued")
         group = Group(seq, base, base + self.k)
         self.groups[seq] = group
         self.running[seq] = group
