@@ -70,8 +70,27 @@ class PerfConfig(Section, kw_only=True):
     # Cut each rank's share of a step into packed micro-batches of at most max_tokens_per_gpu tokens.
     use_dynamic_batch_size: bool = False
     max_tokens_per_gpu: int | None = None
+    # Activation recomputation (Megatron's): none, every layer's whole forward ("full"; by "uniform"
+    # chunks of recompute_num_layers layers or the first recompute_num_layers of a stage: "block"), or
+    # core attention only ("selective").
+    recompute_granularity: Literal["full", "selective"] | None = None
+    recompute_method: Literal["uniform", "block"] | None = None
+    recompute_num_layers: int | None = None
 
     def check(self) -> None:
+        self.positive("recompute_num_layers")
+        if self.recompute_granularity == "full":
+            for key in ("recompute_method", "recompute_num_layers"):
+                self.require(
+                    getattr(self, key) is not None, key, "is required with recompute_granularity = 'full'"
+                )
+        else:
+            for key in ("recompute_method", "recompute_num_layers"):
+                self.require(
+                    getattr(self, key) is None,
+                    key,
+                    f"applies to recompute_granularity = 'full' only (it is {self.recompute_granularity!r})",
+                )
         self.positive(
             "tensor_model_parallel_size",
             "micro_batch_size",
@@ -105,6 +124,16 @@ class PerfConfig(Section, kw_only=True):
             "sequence_parallel",
             "needs Transformer Engine or Apex norms, which are not installed",
         )
+
+    def recompute(self) -> dict[str, Any]:
+        """The TransformerConfig fields of the recompute options (empty when off)."""
+        if self.recompute_granularity is None:
+            return {}
+        return {
+            "recompute_granularity": self.recompute_granularity,
+            "recompute_method": self.recompute_method,
+            "recompute_num_layers": self.recompute_num_layers,
+        }
 
 
 class AlgoConfig(Section, kw_only=True):

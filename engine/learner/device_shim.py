@@ -5,7 +5,8 @@ Megatron-core asks CUDA for things even when every tensor lives on the CPU: the 
 model-parallel RNG state around dropout), stream synchronisation and "cuda" tensors (the pipeline
 schedule and its p2p communication). On a machine without CUDA this module maps the current device to
 "cpu", makes synchronisation a no-op, installs a tracker with the same interface that forks the CPU
-generator instead, and `cuda_as_cpu` creates tensors asked for on "cuda" on the CPU while it is active.
+generator instead (activation recomputation's save and restore of "the CUDA" RNG state use the CPU
+generator too), and `cuda_as_cpu` creates tensors asked for on "cuda" on the CPU while it is active.
 It changes nothing when CUDA is available, and installing it twice is harmless.
 """
 
@@ -61,6 +62,10 @@ def install_cpu_shim(seed: int, tp_rank: int) -> None:
     tracker.add(mrandom._DATA_PARALLEL_RNG_TRACKER_NAME, seed)
     tracker.add(mrandom._EXPERT_PARALLEL_RNG_TRACKER_NAME, seed + 1024 + tp_rank)
     mrandom._CUDA_RNG_STATE_TRACKER = tracker
+    # Activation recomputation saves and restores "the CUDA" RNG state around a recomputed forward: here
+    # that is the CPU generator's (whose state it saves anyway).
+    mrandom._get_cuda_rng_state = lambda *args, **kwargs: torch.get_rng_state()
+    mrandom._set_cuda_rng_state = lambda state, *args, **kwargs: torch.set_rng_state(state)
     mrandom._CUDA_RNG_STATE_TRACKER_INITIALIZED = True
     _installed = True
 

@@ -114,8 +114,11 @@ def rope_parameters(hf_config: Any) -> dict[str, Any]:
     return params
 
 
-def transformer_config(hf_config: Any, s: Shape, *, tp: int, params_dtype: torch.dtype, pp: int = 1):
-    """Megatron TransformerConfig for the local (non-Transformer-Engine) layer spec; pp pipeline stages."""
+def transformer_config(
+    hf_config: Any, s: Shape, *, tp: int, params_dtype: torch.dtype, pp: int = 1, **recompute: Any
+):
+    """Megatron TransformerConfig for the local (non-Transformer-Engine) layer spec; pp pipeline stages;
+    recompute: Megatron's recompute_granularity / recompute_method / recompute_num_layers."""
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     on_cpu = not torch.cuda.is_available()
@@ -151,6 +154,7 @@ def transformer_config(hf_config: Any, s: Shape, *, tp: int, params_dtype: torch
         gradient_accumulation_fusion=False,
         persist_layer_norm=False,
         **(hf_moe.config_fields(s.moe, tp=tp) if s.moe else {}),
+        **recompute,
     )
 
 

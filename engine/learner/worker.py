@@ -121,7 +121,7 @@ class LearnerWorker:
         dtype = torch_dtype(self.model_cfg.params_dtype)
         stage = {"pp_rank": self.stage.rank, "pp": self.pp}
         tconfig = hf_bridge.transformer_config(
-            self.hf_config, self.shape, tp=self.tp, params_dtype=dtype, pp=self.pp
+            self.hf_config, self.shape, tp=self.tp, params_dtype=dtype, pp=self.pp, **self.perf.recompute()
         )
         model = hf_bridge.build_gpt_model(
             self.hf_config, self.shape, tconfig, attention=self.perf.attention_backend, **stage
@@ -141,6 +141,7 @@ class LearnerWorker:
             "dp_rank": self.dp_rank,
             "pp_rank": self.stage.rank,
             "params": self.num_params(),
+            "recompute": self.model.config.recompute_granularity,
         }
 
     def num_params(self) -> int:
