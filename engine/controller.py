@@ -254,14 +254,15 @@ class Trainer:
         (self.logger.path.parent / "ledger.json").write_text(json.dumps(ledger, indent=2))
 
     def push_weights(self, version: int) -> None:
-        """Learner rank 0 -> every engine (through the object store), then the producer learns the version.
+        """Learner rank 0 -> every engine (through the object store, in buckets of at most
+        inference.update_weight_buffer_size bytes), then the producer learns the version.
 
         Only the export blocks: the engines load the weights while the learner goes on with the next
         batch. The producer's set_version takes the engines' acknowledgements as arguments, so Ray runs
         it only once every engine holds the new version (the producer never admits work for a version
         the engines do not have yet), and the next push first waits for this one to be complete.
         """
-        weights = self.learner.export_weights()
+        weights = self.learner.export_weight_buckets(self.cfg.inference.update_weight_buffer_size)
         ray.get(self._pushed)
         mode = self.cfg.rollout.on_weight_update
         applied = [e.update_weights.remote(weights, version, mode) for e in self.engines]

@@ -71,6 +71,7 @@ def test_two_step_run(tmp_path: Path) -> None:
         "eval.n_samples_per_eval_prompt=4",
         "eval.max_response_len=3",  # [rollout] has 8
         "eval.temperature=0.0",  # [rollout] has 1.0
+        "inference.update_weight_buffer_size=65536",  # the weight push in many buckets
         f"ckpt.save={save}",
         "tensorboard=true",
     )

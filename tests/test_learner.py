@@ -5,6 +5,8 @@ Learner ranks are real Ray actors running Megatron-core on gloo; checkpoints are
 
 from __future__ import annotations
 
+import asyncio
+
 import numpy as np
 import pytest
 import torch
@@ -256,3 +258,39 @@ def test_every_estimator_and_loss_type_trains(
             assert dp_metrics[key] == pytest.approx(metrics[key], rel=1e-4, abs=1e-6), key
         for k, tensor in weights.items():
             assert torch.allclose(dp_weights[k], tensor, atol=1e-5), k
+
+
+def test_weight_buckets_hold_every_tensor_once_within_the_size(ray_local, tiny_ckpt, samples) -> None:
+    """The push's buckets: each at most the buffer size (unless one tensor is larger), together exactly
+    the exported weights; an engine given the buckets ends with the same weights as given the dict."""
+    import ray
+
+    from engine.rollout.config import InferenceConfig
+    from engine.rollout.engines import EmbeddedEngineActor
+
+    g = group(tiny_ckpt)
+    try:
+        g.train(samples, 1)  # weights that differ from the checkpoint's
+        full = ray.get(g.export_weights())
+        limit = 64 * 1024
+        refs = ray.get(g.export_weight_buckets(limit))
+        buckets = ray.get(refs)
+    finally:
+        g.shutdown()
+    assert len(buckets) > 2
+    names = [name for bucket in buckets for name in bucket]
+    assert sorted(names) == sorted(full) and len(names) == len(set(names))
+    for bucket in buckets:
+        size = sum(t.numel() * t.element_size() for t in bucket.values())
+        assert size <= limit or len(bucket) == 1
+        for name, tensor in bucket.items():
+            assert torch.equal(tensor, full[name])
+    engine = EmbeddedEngineActor(str(tiny_ckpt), InferenceConfig(batch_wait_ms=0.0), 0, 1, {})
+
+    async def push() -> int:
+        return await engine.update_weights(refs, 7)
+
+    assert asyncio.run(push()) == 7
+    state = engine.engine.state_dict()
+    for name, tensor in full.items():
+        assert torch.equal(state[name], tensor), name

@@ -46,6 +46,13 @@ class LearnerGroup:
         ray.wait(refs[:1])
         return refs[0]
 
+    def export_weight_buckets(self, max_bytes: int) -> Any:
+        """An ObjectRef to the list of ObjectRefs of rank 0's weight buckets (each at most max_bytes)."""
+        refs = [w.export_hf_buckets.remote(max_bytes) for w in self.workers]
+        ray.get(refs[1:])
+        ray.wait(refs[:1])
+        return refs[0]
+
     def save_state(self, path: str) -> None:
         """Every rank writes its state into the iteration directory `path` (engine/learner/checkpoint.py)."""
         self._all("save_state", path)

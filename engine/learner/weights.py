@@ -64,3 +64,18 @@ def save_hf_checkpoint(
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)
     return out
+
+
+def bucketize(named: dict[str, torch.Tensor], max_bytes: int) -> list[dict[str, torch.Tensor]]:
+    """Cut HF-named tensors, in order, into buckets of at most max_bytes each (a tensor larger than
+    max_bytes travels alone): the unit of a weight push, so no message holds more than one bucket."""
+    buckets: list[dict[str, torch.Tensor]] = []
+    size = 0
+    for name, tensor in named.items():
+        nbytes = tensor.numel() * tensor.element_size()
+        if not buckets or (size + nbytes > max_bytes and buckets[-1]):
+            buckets.append({})
+            size = 0
+        buckets[-1][name] = tensor
+        size += nbytes
+    return buckets

@@ -37,7 +37,7 @@ from engine.learner.critic import Critic
 from engine.learner.loss import CustomLoss, policy_objective, token_logprobs
 from engine.learner.optim import make_optimizer, make_scheduler, sync_and_clip
 from engine.learner.parallel import init_parallel
-from engine.learner.weights import load_hf_state, save_hf_checkpoint
+from engine.learner.weights import bucketize, load_hf_state, save_hf_checkpoint
 from engine.wire import Sample
 
 
@@ -344,6 +344,16 @@ class LearnerWorker:
         if self.pp > 1:
             return pipeline.gather_to_rank0(out)
         return out if self.rank == 0 else None
+
+    def export_hf_buckets(self, max_bytes: int) -> list[Any] | None:
+        """export_hf cut into buckets of at most max_bytes (weights.bucketize), each put into Ray's object
+        store on its own; rank 0 returns their ObjectRefs in order (every rank must call this)."""
+        import ray
+
+        tensors = self.export_hf()
+        if tensors is None:
+            return None
+        return [ray.put(bucket) for bucket in bucketize(tensors, max_bytes)]
 
     def save_state(self, path: str) -> None:
         """Write this rank's state into an iteration directory (every rank must call this)."""

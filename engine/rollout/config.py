@@ -180,7 +180,9 @@ class InferenceConfig(Section, kw_only=True):
     # Learner and engines share the devices (weights move in place, phases alternate): synchronous only.
     colocate: bool = False
     attn_implementation: Literal["sdpa", "eager"] = "sdpa"
+    # The weight push travels in buckets of at most this many bytes (a larger tensor travels alone).
+    update_weight_buffer_size: int = 512 * 2**20
 
     def check(self) -> None:
-        self.positive("num_engines", "max_batch_size")
+        self.positive("num_engines", "max_batch_size", "update_weight_buffer_size")
         self.non_negative("batch_wait_ms")

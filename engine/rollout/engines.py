@@ -20,6 +20,7 @@ from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Literal
 
+import ray
 import torch
 
 from engine.cluster import pin_to_core
@@ -170,12 +171,21 @@ class EmbeddedEngineActor:
         wake.set()
 
     async def update_weights(
-        self, named: dict[str, torch.Tensor], version: int, mode: WeightMode = "wait"
+        self, named: dict[str, torch.Tensor] | list[Any], version: int, mode: WeightMode = "wait"
     ) -> int:
-        """Replace all weights (see the module docstring for the modes); returns the new version."""
+        """Replace all weights (see the module docstring for the modes); returns the new version.
+
+        `named` is the HF-named tensors, or their buckets (ObjectRefs of dicts, in order): buckets are
+        fetched one at a time and the update applies only once the last one is here, so decoding never
+        sees a mix of two versions."""
         wake = self._check_running()
         if self._update is not None:
             raise RuntimeError(f"engine {self.index}: a weight update is already in progress")
+        if isinstance(named, list):
+            staged: dict[str, torch.Tensor] = {}
+            for bucket in named:
+                staged.update(await bucket if isinstance(bucket, ray.ObjectRef) else bucket)
+            named = staged
         future = asyncio.get_running_loop().create_future()
         self._update = (named, version, mode, future)
         wake.set()
