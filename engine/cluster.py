@@ -64,6 +64,20 @@ def actor_options(**extra: Any) -> dict[str, Any]:
     }
 
 
+def gpus_per_actor(share: float = 1.0) -> float:
+    """The GPUs a learner rank or an engine asks Ray for: none where the cluster has no GPU (everything
+    runs on the CPU), else `share` of one (1: a GPU of its own; 0.5: two actors sharing one, colocated)."""
+    return share if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
+
+
+def gpu_uuid() -> str | None:
+    """The physical GPU this process uses (its CUDA device 0), or None without CUDA: two actors with the
+    same UUID can share tensors by CUDA IPC."""
+    import torch
+
+    return str(torch.cuda.get_device_properties(0).uuid) if torch.cuda.is_available() else None
+
+
 @contextlib.contextmanager
 def ray_session(cfg: ClusterConfig, *, log_to_driver: bool = True) -> Iterator[None]:
     """Start (or join) Ray for the duration of the block; shut it down on every exit path."""

@@ -33,7 +33,7 @@ import ray
 
 from engine import checkpoint
 from engine.buffer.buffer import BufferActor
-from engine.cluster import actor_options
+from engine.cluster import actor_options, gpus_per_actor
 from engine.config import Config
 from engine.learner.config import LearnerSpec
 from engine.learner.group import LearnerGroup
@@ -63,6 +63,7 @@ class Trainer:
         self.version = self.start.step
         self._pushed: Any = []  # the last push's completion (an ObjectRef once a push happened)
         self._actors: list[Any] = []
+        self.cuda_ipc = False  # set by build: learner rank 0 and the engines share one GPU
 
     def build(self) -> None:
         c = self.cfg
@@ -79,8 +80,9 @@ class Trainer:
             resume = (Path(self.start.resume) / checkpoint.ROLLOUT_STATE).read_bytes()
             ray.get(self.buffer.restore_partials.remote(decode_state(resume).cached))
         engine_actor = ray.remote(EmbeddedEngineActor)
+        share = self.gpu_share()
         self.engines = [
-            engine_actor.options(**actor_options()).remote(
+            engine_actor.options(**actor_options(num_gpus=gpus_per_actor(share))).remote(
                 self.start.engine_init,
                 c.inference,
                 i,
@@ -123,9 +125,15 @@ class Trainer:
             init_from=self.start.actor_init,
             resume_from=self.start.resume,
         )
-        self.learner = LearnerGroup(c.cluster.learner_ranks, spec)
+        self.learner = LearnerGroup(c.cluster.learner_ranks, spec, gpu_share=share)
         self._actors += self.learner.workers
         ray.get([e.ready.remote() for e in self.engines])
+        if c.inference.colocate:  # the engines decode first: the learner frees its optimizer memory
+            self.learner.sleep()
+        # Learner rank 0 and every engine on one GPU: weights move by CUDA IPC, never through the host.
+        rank0 = self.learner.info[0]["gpu_uuid"]
+        engines = ray.get([e.gpu_uuid.remote() for e in self.engines])
+        self.cuda_ipc = rank0 is not None and all(u == rank0 for u in engines)
         ray.get(self.producer.num_prompts.remote())
         self.prompts, self.eval_sets = [], {}  # the producer holds them now
 
@@ -181,7 +189,15 @@ class Trainer:
                 prompt_ledger.write(json.dumps({"step": step, "prompt_index": prompts}) + "\n")
                 prompt_ledger.flush()
                 t1 = time.perf_counter()
+                metrics.update(self.phase_memory("rollout"))
+                if c.inference.colocate:  # the engines give their caches back while the learner trains
+                    ray.get([e.sleep.remote() for e in self.engines])
+                    self.learner.wake()
                 train_steps = self.learner.train(samples_ref, c.rollout.num_steps_per_rollout)
+                metrics.update(self.phase_memory("train"))
+                if c.inference.colocate:
+                    self.learner.sleep()
+                    ray.get([e.wake.remote() for e in self.engines])
                 t2 = time.perf_counter()
                 self.push_weights(step)
                 t3 = time.perf_counter()
@@ -204,7 +220,9 @@ class Trainer:
                 ):
                     metrics["ckpt/path"] = self.save_checkpoint(step)
                 metrics.update(ray.get(producer_stats))
-                metrics["engine/busy_s"] = sum(s["busy_s"] for s in ray.get(engine_stats))
+                engine_stats = ray.get(engine_stats)
+                metrics["engine/busy_s"] = sum(s["busy_s"] for s in engine_stats)
+                metrics["engine/sleeps"] = sum(s["sleeps"] for s in engine_stats)
                 metrics["time/step"] = time.perf_counter() - t0
                 self.logger.log(step, metrics)
         ray.get(self._pushed)
@@ -262,12 +280,38 @@ class Trainer:
         it only once every engine holds the new version (the producer never admits work for a version
         the engines do not have yet), and the next push first waits for this one to be complete.
         """
-        weights = self.learner.export_weight_buckets(self.cfg.inference.update_weight_buffer_size)
+        size = self.cfg.inference.update_weight_buffer_size
+        if self.cuda_ipc:
+            weights = self.learner.export_shared_buckets(size)
+        else:
+            weights = self.learner.export_weight_buckets(size)
         ray.get(self._pushed)
         mode = self.cfg.rollout.on_weight_update
         applied = [e.update_weights.remote(weights, version, mode) for e in self.engines]
         self._pushed = self.producer.set_version.remote(version, *applied)
         self.version = version
+
+    def phase_memory(self, phase: str) -> dict[str, float]:
+        """GPU memory at the end of a phase (GiB): each process' peak during it and what it holds now
+        (learner rank 0, engine 0); peaks are reset for the next phase. Empty on the CPU."""
+        learner = self.learner.memory(reset=True)[0]
+        engine = ray.get(self.engines[0].memory.remote(True))
+        out = {}
+        for who, m in (("learner", learner), ("engine", engine)):
+            if m:
+                out[f"memory/{phase}_{who}_peak_gib"] = m["peak_gib"]
+                out[f"memory/{phase}_{who}_end_gib"] = m["allocated_gib"]
+        return out
+
+    def gpu_share(self) -> float:
+        """The share of a GPU each learner rank and engine asks for: a whole one when the cluster has a
+        GPU for each, else an equal share (one GPU: learner and engine on it together)."""
+        gpus = ray.cluster_resources().get("GPU", 0)
+        need = self.cfg.cluster.learner_ranks + self.cfg.inference.num_engines
+        if not gpus or gpus >= need:
+            return 1.0
+        per_gpu = -(-need // int(gpus))  # actors that must share each GPU
+        return 1.0 / per_gpu
 
     def close(self) -> None:
         """Orderly end of a finished run: flush and close the producer and the buffer (errors propagate)."""

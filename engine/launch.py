@@ -69,18 +69,21 @@ def check_callable(path: str, section: str, key: str) -> None:
 
 def prepare(config_path: str, overrides: list[str]) -> tuple[Config, list, dict, int, Start]:
     """Everything that can fail on bad input, before any actor exists."""
+    import torch
     from transformers import AutoTokenizer
 
     from engine.checkpoint import plan_start
     from engine.hf_config import load_hf_config
     from engine.learner.hf_bridge import layers_per_stage, shape_of
     from engine.learner.hf_moe import check_trainable
+    from engine.learner.worker import check_device
     from engine.rollout.data import load_datasets
     from engine.rollout.rewards import resolve_reward
 
     config = load_config(config_path, overrides)
     config = resolve_builtin_paths(config)
     check_eval_datasets(config)
+    check_device(config.model.params_dtype, torch.device("cuda" if torch.cuda.is_available() else "cpu"))
     hf_config = load_hf_config(config.ckpt.hf_checkpoint, config.model.overrides)
     tp = config.perf.tensor_model_parallel_size
     shape = shape_of(hf_config, tp=tp, ep=config.perf.expert_model_parallel_size)

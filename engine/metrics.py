@@ -12,6 +12,7 @@ import json
 import logging
 import math
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -81,11 +82,11 @@ class MetricsLogger:
         self._last_eval = ""
 
     def log(self, step: int, metrics: dict[str, Any]) -> None:
-        record = {"step": step, **{k: _clean(v) for k, v in metrics.items()}}
+        record = {"step": step, "wall_time": time.time(), **{k: _clean(v) for k, v in metrics.items()}}
         self._file.write(json.dumps(record) + "\n")
         if self._tb is not None:
             for k, v in record.items():
-                if k != "step" and isinstance(v, int | float):
+                if k not in ("step", "wall_time") and isinstance(v, int | float):
                     self._tb.add_scalar(k, v, step)
             self._tb.flush()
         line = summary(metrics)

@@ -72,6 +72,7 @@ def test_two_step_run(tmp_path: Path) -> None:
         "eval.max_response_len=3",  # [rollout] has 8
         "eval.temperature=0.0",  # [rollout] has 1.0
         "inference.update_weight_buffer_size=65536",  # the weight push in many buckets
+        "inference.colocate=true",  # engines sleep while the learner trains, the learner while they decode
         f"ckpt.save={save}",
         "tensorboard=true",
     )
@@ -92,6 +93,7 @@ def test_two_step_run(tmp_path: Path) -> None:
     assert not any(k.startswith("eval/arithmetic/") for r in rows for k in r)
     first = rows[1]
     assert first["train/ppo_kl"] == 0.0
+    assert [r.get("engine/sleeps") for r in rows[1:]] == [1, 2]
     assert first["rollout/samples"] == 16 and first["version"] == 1 and rows[2]["version"] == 2
     for key in (
         "rollout/reward_mean",

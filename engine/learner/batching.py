@@ -16,6 +16,7 @@ read, and padded positions hold zeros. The grouping of a step's samples into mic
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
@@ -74,7 +75,26 @@ class MicroBatch:
     def causal_mask(self) -> torch.Tensor:
         """Megatron's attention mask: True where attention is not allowed, [1, 1, s, s]."""
         s = self.tokens.shape[1]
-        return torch.triu(torch.ones(s, s, dtype=torch.bool), diagonal=1)[None, None]
+        ones = torch.ones(s, s, dtype=torch.bool, device=self.tokens.device)
+        return torch.triu(ones, diagonal=1)[None, None]
+
+    def to(self, device: torch.device) -> MicroBatch:
+        """This micro-batch with every tensor on device (itself when they are there already): micro-batches
+        are made and kept on the CPU, and each forward pass works on a copy on the model's device."""
+        if self.tokens.device == device:
+            return self
+
+        def move(t: Any) -> Any:
+            return t.to(device, non_blocking=True) if isinstance(t, torch.Tensor) else t
+
+        packing = self.packing
+        if packing is not None:
+            packing = dataclasses.replace(
+                packing, **{f.name: move(getattr(packing, f.name)) for f in dataclasses.fields(packing)}
+            )
+        names = [f.name for f in dataclasses.fields(self) if f.name != "packing"]
+        fields = {name: move(getattr(self, name)) for name in names}
+        return MicroBatch(**fields, packing=packing)
 
     def model_inputs(self) -> dict[str, Any]:
         """GPTModel's keyword arguments: the padded rows with a causal mask, or the packed row (thd)."""

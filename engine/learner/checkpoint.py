@@ -13,8 +13,10 @@ Guarantee: `load_learner` on every rank of a learner laid out like the one that 
 state, scheduler step and RNG states exactly, so training continues as if it had never stopped.
 `load_model` alone (weights only) needs the same global tensor shapes, not the same layout.
 
-The CPU learner's optimizer is torch's AdamW / SGD (Megatron's distributed optimizer needs a GPU), so
-its state is saved per rank. Megatron's torch_dist writer forks worker processes and needs psutil; the
+The CPU learner's optimizer is torch's AdamW / SGD (Megatron's distributed optimizer needs a GPU); on
+CUDA it is Megatron's distributed optimizer, whose state is this rank's shard of the fp32 master weights
+and moments (engine/learner/megatron_optim.py). Either way the optimizer state is saved per rank.
+Megatron's torch_dist writer forks worker processes and needs psutil; the
 model files are therefore written in-process by torch.distributed.checkpoint with Megatron's save
 planner (`InProcessTorchDistSave`): the same format, read back by dist_checkpointing.load.
 """
@@ -78,6 +80,7 @@ def rng_state() -> dict[str, Any]:
         "numpy": {"key": torch.from_numpy(key.astype(np.int64)), "pos": pos, "gauss": [has_gauss, gauss]},
         "torch": torch.get_rng_state(),
         "tracker": mrandom.get_cuda_rng_tracker().get_states(),
+        "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
     }
 
 
@@ -87,6 +90,8 @@ def set_rng_state(state: dict[str, Any]) -> None:
     np.random.set_state(("MT19937", n["key"].numpy().astype(np.uint32), n["pos"], *n["gauss"]))
     torch.set_rng_state(state["torch"])
     mrandom.get_cuda_rng_tracker().set_states(state["tracker"])
+    if state.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
 
 
 def rank_file(root: Path, rank: int) -> Path:

@@ -20,13 +20,8 @@ class ModelConfig(Section, kw_only=True):
     overrides: dict[str, Any] = msgspec.field(default_factory=dict)
 
     def check(self) -> None:
+        # bfloat16 needs CUDA (fp32 master weights in Megatron's optimizer): the learner checks on start.
         self.positive("make_vocab_size_divisible_by")
-        self.require(
-            self.params_dtype == "float32",
-            "params_dtype",
-            "bfloat16 training needs fp32 master weights (Megatron's optimizer on GPU); "
-            "the CPU learner of this version trains in float32",
-        )
 
 
 class CkptConfig(Section, kw_only=True):
@@ -76,6 +71,9 @@ class PerfConfig(Section, kw_only=True):
     recompute_granularity: Literal["full", "selective"] | None = None
     recompute_method: Literal["uniform", "block"] | None = None
     recompute_num_layers: int | None = None
+    # torch.compile each transformer layer and the log-prob function (fuses norms, RoPE, SwiGLU and casts;
+    # meant for CUDA: the first steps of each new shape pay the compilation).
+    torch_compile: bool = False
 
     def check(self) -> None:
         self.positive("recompute_num_layers")

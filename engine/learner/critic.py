@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from engine.learner.batching import MicroBatch
 from engine.learner.config import AlgoConfig, OptimizerConfig
 from engine.learner.loss import aggregate, masked_sum, value_loss
-from engine.learner.optim import make_optimizer, make_scheduler, sync_and_clip
+from engine.learner.optim import make_optimizer, make_scheduler
 from engine.learner.pipeline import Stage, run
 
 
@@ -54,12 +54,13 @@ class Critic:
         stage: Stage,
     ) -> None:
         if stage.last:
-            model.output_layer = ValueHead(hidden, seed)
+            where = next(model.parameters())
+            model.output_layer = ValueHead(hidden, seed).to(device=where.device, dtype=where.dtype)
         self.model, self.algo, self.opt_cfg, self.groups, self.stage = model, algo, optimizer, groups, stage
         params = dict(model.named_parameters())
         self.tp_partial = [params[n] for n in tp_partial_names if n in params]
         lr = algo.critic_lr or optimizer.lr
-        self.optimizer = make_optimizer(model, optimizer, lr)
+        self.optimizer = make_optimizer(model, optimizer, lr, {"tp_partial": self.tp_partial, **groups})
         self.scheduler = make_scheduler(self.optimizer, optimizer, total_steps, lr)
 
     @staticmethod
@@ -73,7 +74,7 @@ class Critic:
         values = run(
             self.model,
             micro_batches,
-            lambda mb, out: (None, self._values(mb, out) * mb.span),
+            lambda mb, out: (None, (self._values(mb, out) * mb.span).cpu()),
             stage=self.stage,
             forward_only=True,
         )
@@ -86,7 +87,7 @@ class Critic:
         """One optimizer step on the clipped value loss. Returns this rank's loss shares and token sums
         (to be summed over data-parallel ranks) and the metrics already equal on every rank."""
         self.model.train()
-        self.optimizer.zero_grad(set_to_none=True)
+        self.optimizer.zero_grad()
         out = {"value_loss": 0.0, "sum/vf_clipfrac": 0.0, "sum/values": 0.0, "sum/returns": 0.0}
 
         def loss_share(mb: MicroBatch, output: torch.Tensor) -> tuple[torch.Tensor, None]:
@@ -107,13 +108,7 @@ class Critic:
             return loss, None
 
         run(self.model, mbs, loss_share, stage=self.stage, forward_only=False)
-        norm = sync_and_clip(
-            list(self.model.parameters()),
-            tp_partial=self.tp_partial,
-            max_norm=self.opt_cfg.clip_grad,
-            **self.groups,
-        )
-        same = {"critic_grad_norm": norm, "critic_lr": self.optimizer.param_groups[0]["lr"]}
-        self.optimizer.step()
+        lr = self.optimizer.param_groups[0]["lr"]
+        same = {"critic_grad_norm": self.optimizer.step(), "critic_lr": lr}
         self.scheduler.step(1)
         return out, same

@@ -11,7 +11,7 @@ from typing import Any
 
 import ray
 
-from engine.cluster import actor_options
+from engine.cluster import actor_options, gpus_per_actor
 from engine.learner.config import LearnerSpec
 from engine.learner.worker import LearnerWorker
 
@@ -23,14 +23,19 @@ def free_port() -> int:
 
 
 class LearnerGroup:
-    def __init__(self, ranks: int, spec: LearnerSpec) -> None:
+    def __init__(self, ranks: int, spec: LearnerSpec, gpu_share: float = 1.0) -> None:
+        """ranks LearnerWorker actors; on a cluster with GPUs each takes gpu_share of one (CUDA, NCCL);
+        gpu_share = 0 keeps them on the CPU (gloo) on any machine."""
         master = f"tcp://127.0.0.1:{free_port()}"
         actor = ray.remote(LearnerWorker)
+        options = actor_options(num_gpus=gpus_per_actor(gpu_share))
+        if gpu_share == 0:
+            options["runtime_env"] = {"env_vars": {"CUDA_VISIBLE_DEVICES": ""}}
         self.workers = [
-            actor.options(**actor_options()).remote(rank=rank, world_size=ranks, master=master, spec=spec)
+            actor.options(**options).remote(rank=rank, world_size=ranks, master=master, spec=spec)
             for rank in range(ranks)
         ]
-        ray.get([w.ready.remote() for w in self.workers])
+        self.info: list[dict[str, Any]] = ray.get([w.ready.remote() for w in self.workers])
 
     def _all(self, method: str, *args: Any) -> list[Any]:
         return ray.get([getattr(w, method).remote(*args) for w in self.workers])
@@ -52,6 +57,23 @@ class LearnerGroup:
         ray.get(refs[1:])
         ray.wait(refs[:1])
         return refs[0]
+
+    def export_shared_buckets(self, max_bytes: int) -> Any:
+        """As export_weight_buckets, but the buckets stay on rank 0's GPU and travel as CUDA IPC handles."""
+        refs = [w.export_hf_shared.remote(max_bytes) for w in self.workers]
+        ray.get(refs[1:])
+        ray.wait(refs[:1])
+        return refs[0]
+
+    def sleep(self) -> None:
+        """Colocated mode: every rank frees what training alone needs (LearnerWorker.sleep)."""
+        self._all("sleep")
+
+    def wake(self) -> None:
+        self._all("wake")
+
+    def memory(self, reset: bool = False) -> list[dict[str, float]]:
+        return self._all("memory", reset)
 
     def save_state(self, path: str) -> None:
         """Every rank writes its state into the iteration directory `path` (engine/learner/checkpoint.py)."""

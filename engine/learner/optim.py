@@ -10,6 +10,7 @@ expert-data-parallel group instead, and the norm counts every EP rank's experts 
 
 from __future__ import annotations
 
+import abc
 from typing import Any
 
 import torch
@@ -30,18 +31,92 @@ def allreduce_sum(tensors: list[torch.Tensor], group: Any) -> None:
         t.copy_(synced)
 
 
-def make_optimizer(model: torch.nn.Module, cfg: OptimizerConfig, lr: float) -> torch.optim.Optimizer:
-    """torch AdamW or SGD over the trainable parameters; biases and norms get no weight decay."""
-    decay = [p for p in model.parameters() if p.requires_grad and p.ndim > 1]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim <= 1]
-    groups = [{"params": decay, "wd_mult": 1.0}, {"params": no_decay, "wd_mult": 0.0}]
-    if cfg.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=lr, momentum=cfg.sgd_momentum)
-    return torch.optim.AdamW(groups, lr=lr, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps)
+class ModelOptimizer(abc.ABC):
+    """One model's optimizer as a learner step uses it: zero_grad, the backward passes, then step."""
+
+    @property
+    @abc.abstractmethod
+    def param_groups(self) -> list[dict[str, Any]]:
+        """The parameter groups (learning rate and weight decay are set here by the scheduler)."""
+
+    @abc.abstractmethod
+    def zero_grad(self) -> None: ...
+
+    @abc.abstractmethod
+    def step(self) -> float:
+        """Synchronise gradients over ranks, clip them, update the weights; returns the gradient norm."""
+
+    @abc.abstractmethod
+    def state_dict(self) -> dict[str, Any]: ...
+
+    @abc.abstractmethod
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+    @abc.abstractmethod
+    def offload(self) -> None:
+        """Free the device memory the optimizer holds between steps (its state kept on the host)."""
+
+    @abc.abstractmethod
+    def reload(self) -> None:
+        """Undo offload before the next step."""
+
+
+class TorchModelOptimizer(ModelOptimizer):
+    """torch AdamW or SGD over the trainable parameters (biases and norms without weight decay), with the
+    gradient synchronisation of `sync_and_clip` (sync: its keyword arguments other than the parameters)."""
+
+    def __init__(self, model: torch.nn.Module, cfg: OptimizerConfig, lr: float, sync: dict[str, Any]) -> None:
+        self.params = list(model.parameters())
+        self.sync, self.max_norm = sync, cfg.clip_grad
+        decay = [p for p in self.params if p.requires_grad and p.ndim > 1]
+        no_decay = [p for p in self.params if p.requires_grad and p.ndim <= 1]
+        groups = [{"params": decay, "wd_mult": 1.0}, {"params": no_decay, "wd_mult": 0.0}]
+        self.inner: torch.optim.Optimizer
+        if cfg.optimizer == "sgd":
+            self.inner = torch.optim.SGD(groups, lr=lr, momentum=cfg.sgd_momentum)
+        else:
+            betas = (cfg.adam_beta1, cfg.adam_beta2)
+            self.inner = torch.optim.AdamW(groups, lr=lr, betas=betas, eps=cfg.adam_eps)
+
+    @property
+    def param_groups(self) -> list[dict[str, Any]]:
+        return self.inner.param_groups
+
+    def zero_grad(self) -> None:
+        self.inner.zero_grad(set_to_none=True)
+
+    def step(self) -> float:
+        norm = sync_and_clip(self.params, max_norm=self.max_norm, **self.sync)
+        self.inner.step()
+        return norm
+
+    def offload(self) -> None:  # the CPU learner's state is in host memory already
+        pass
+
+    def reload(self) -> None:
+        pass
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.inner.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.inner.load_state_dict(state)
+
+
+def make_optimizer(
+    model: torch.nn.Module, cfg: OptimizerConfig, lr: float, sync: dict[str, Any]
+) -> ModelOptimizer:
+    """Megatron's distributed optimizer when the model is on CUDA (engine/learner/megatron_optim.py),
+    torch's on the CPU, where Megatron's optimizer wrapper cannot run."""
+    if next(model.parameters()).is_cuda:
+        from engine.learner.megatron_optim import MegatronModelOptimizer
+
+        return MegatronModelOptimizer(model, cfg, lr)
+    return TorchModelOptimizer(model, cfg, lr, sync)
 
 
 def make_scheduler(
-    optimizer: torch.optim.Optimizer, cfg: OptimizerConfig, total_steps: int, lr: float
+    optimizer: ModelOptimizer, cfg: OptimizerConfig, total_steps: int, lr: float
 ) -> OptimizerParamScheduler:
     """Megatron's scheduler: linear warm-up to lr, then constant / linear / cosine decay to min_lr (scaled
     by lr / cfg.lr for a model with its own rate), weight decay applied by parameter group."""

@@ -63,7 +63,10 @@ class Stage:
 def run(
     model: torch.nn.Module, mbs: list[MicroBatch], fn: StepFn[T], *, stage: Stage, forward_only: bool
 ) -> list[T]:
-    """fn on each micro-batch's model output (last stage), with backward unless forward_only."""
+    """fn on each micro-batch's model output (last stage), with backward unless forward_only. fn gets a
+    copy of each micro-batch on the model's device."""
+    device = next(model.parameters()).device
+    mbs = [mb.to(device) for mb in mbs]
     results: list[T] = []
     if stage.size == 1:
         for mb in mbs:

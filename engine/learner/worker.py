@@ -26,7 +26,9 @@ import torch.distributed as dist
 from megatron.core import parallel_state as mpu
 
 from engine.checkpoint import is_iteration
-from engine.cluster import pin_to_core
+from engine.cluster import gpu_uuid, pin_to_core
+from engine.cuda_ipc import SharedBuckets
+from engine.errors import ConfigError
 from engine.hf_config import load_hf_config, torch_dtype
 from engine.learner import hf_bridge, hf_moe, pipeline
 from engine.learner.advantages import assign_advantages
@@ -35,10 +37,21 @@ from engine.learner.checkpoint import MODEL, load_learner, load_model, save_lear
 from engine.learner.config import LearnerSpec
 from engine.learner.critic import Critic
 from engine.learner.loss import CustomLoss, policy_objective, token_logprobs
-from engine.learner.optim import make_optimizer, make_scheduler, sync_and_clip
+from engine.learner.optim import make_optimizer, make_scheduler
 from engine.learner.parallel import init_parallel
 from engine.learner.weights import bucketize, load_hf_state, save_hf_checkpoint
 from engine.wire import Sample
+
+
+def check_device(params_dtype: str, device: torch.device) -> None:
+    """Options that need CUDA fail on the CPU naming the key that asks for them."""
+    if device.type != "cuda" and params_dtype != "float32":
+        raise ConfigError(
+            f"{params_dtype} training keeps fp32 master weights in Megatron's distributed optimizer, which "
+            "needs CUDA; the CPU learner trains in float32",
+            section="model",
+            key="params_dtype",
+        )
 
 
 class LearnerWorker:
@@ -48,9 +61,14 @@ class LearnerWorker:
         pin_to_core(None if spec.first_core is None else spec.first_core + rank)
         torch.set_num_threads(spec.threads)
         torch.manual_seed(spec.seed)
+        # On a GPU host each rank sees its own device (Ray sets CUDA_VISIBLE_DEVICES per actor).
+        cuda = torch.cuda.is_available()
+        self.device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
         self.rank, self.world_size = rank, world_size
         self.model_cfg, self.ckpt, self.perf, self.algo = spec.model, spec.ckpt, spec.perf, spec.algo
         self.opt_cfg, self.temperature = spec.optimizer, spec.temperature
+        check_device(self.model_cfg.params_dtype, self.device)
+        self._token_logprobs = torch.compile(token_logprobs) if self.perf.torch_compile else token_logprobs
         model, ckpt, optimizer, total_steps = spec.model, spec.ckpt, spec.optimizer, spec.total_steps
         tp, pp = self.perf.tensor_model_parallel_size, self.perf.pipeline_model_parallel_size
         init_parallel(rank, world_size, tp, master, spec.seed, pp=pp, ep=self.perf.expert_model_parallel_size)
@@ -92,8 +110,10 @@ class LearnerWorker:
                 expert_dp_group=mpu.get_expert_data_parallel_group(),
                 expert_dp=mpu.get_expert_data_parallel_world_size(),
             )
-        self.optimizer = make_optimizer(self.model, optimizer, optimizer.lr)
+        sync = {"tp_partial": self._tp_partial, "tied": self._tied, "tied_copy": not self.stage.first}
+        self.optimizer = make_optimizer(self.model, optimizer, optimizer.lr, {**sync, **self._groups})
         self.scheduler = make_scheduler(self.optimizer, optimizer, total_steps, optimizer.lr)
+        self._shared = SharedBuckets()
         self.critic = None
         if self.algo.needs_critic:
             self.critic = Critic(
@@ -132,6 +152,13 @@ class LearnerWorker:
             hf_bridge.load_hf_weights(
                 model, load_hf_state(weights_from), self.shape, self.tp_rank, self.tp, self.ep_rank, **stage
             )
+        if self.device.type == "cuda":
+            # Every parameter in the training dtype, as Megatron's Float16Module: the local spec makes its
+            # RMSNorm weights float32, which keeps bf16 activations off torch's fused norm kernel.
+            model = model.to(dtype=dtype)
+        if self.perf.torch_compile:
+            for layer in model.decoder.layers:
+                layer.compile()
         return model
 
     def ready(self) -> dict[str, Any]:
@@ -142,7 +169,39 @@ class LearnerWorker:
             "pp_rank": self.stage.rank,
             "params": self.num_params(),
             "recompute": self.model.config.recompute_granularity,
+            "device": str(self.device),
+            "dtype": str(next(self.model.parameters()).dtype),
+            "optimizer": type(self.optimizer).__name__,
+            "gpu_uuid": gpu_uuid(),
         }
+
+    def sleep(self) -> None:
+        """Colocated mode, before rollout: optimizer state to the host, gradient buffers and cached blocks
+        freed (the model's weights stay: they are what the engines receive)."""
+        self.optimizer.offload()
+        if self.critic is not None:
+            self.critic.optimizer.offload()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    def wake(self) -> None:
+        """Undo sleep before training."""
+        self.optimizer.reload()
+        if self.critic is not None:
+            self.critic.optimizer.reload()
+
+    def memory(self, reset: bool = False) -> dict[str, float]:
+        """GPU memory of this rank in GiB: allocated now and the peak since the last reset ({} on the CPU)."""
+        if self.device.type != "cuda":
+            return {}
+        out = {
+            "allocated_gib": torch.cuda.memory_allocated() / 2**30,
+            "peak_gib": torch.cuda.max_memory_allocated() / 2**30,
+            "reserved_gib": torch.cuda.memory_reserved() / 2**30,
+        }
+        if reset:
+            torch.cuda.reset_peak_memory_stats()
+        return out
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.model.parameters())
@@ -155,7 +214,7 @@ class LearnerWorker:
         """Log-probs (and entropies) of mb's targets from the model's logits, in the padded shifted layout
         whether packed or not."""
         logits = output[:, :-1, : self.shape.vocab]
-        logp, entropy = token_logprobs(
+        logp, entropy = self._token_logprobs(
             logits, mb.model_targets(), self.temperature, with_entropy=with_entropy
         )
         return mb.unpack(logp), None if entropy is None else mb.unpack(entropy)
@@ -168,9 +227,12 @@ class LearnerWorker:
 
     @torch.no_grad()
     def _forward_logprobs(self, model: torch.nn.Module, mbs: list[MicroBatch]) -> list[torch.Tensor]:
-        """Each micro-batch's log-probs on the last pipeline stage ([] on the others)."""
+        """Each micro-batch's log-probs (on the CPU, where micro-batches are kept) on the last pipeline
+        stage ([] on the others)."""
         model.eval()
-        return self._run(model, mbs, lambda mb, out: (None, self._logprobs(mb, out)[0]), forward_only=True)
+        return self._run(
+            model, mbs, lambda mb, out: (None, self._logprobs(mb, out)[0].cpu()), forward_only=True
+        )
 
     def _recompute_old(self, micro_batches: list[MicroBatch]) -> None:
         for mb, logp in zip(micro_batches, self._forward_logprobs(self.model, micro_batches), strict=False):
@@ -245,14 +307,15 @@ class LearnerWorker:
 
     def _dp_sum(self, t: torch.Tensor) -> torch.Tensor:
         if self.dp > 1:
-            t = t.clone()
-            dist.all_reduce(t, group=self.dp_group)
+            on_device = t.to(self.device, copy=True)
+            dist.all_reduce(on_device, group=self.dp_group)
+            t = on_device.to(t.device)
         return t
 
     def _optimizer_step(self, mbs: list[MicroBatch], *, tokens: float, samples: float) -> dict[str, float]:
         t0 = time.perf_counter()
         self.model.train()
-        self.optimizer.zero_grad(set_to_none=True)
+        self.optimizer.zero_grad()
         shares: dict[str, float] = {}
         sums: dict[str, float] = {"entropy": 0.0, "advantages": 0.0}
 
@@ -286,16 +349,8 @@ class LearnerWorker:
             return loss, None
 
         self._run(self.model, mbs, loss_share, forward_only=False)
-        grad_norm = sync_and_clip(
-            list(self.model.parameters()),
-            tp_partial=self._tp_partial,
-            max_norm=self.opt_cfg.clip_grad,
-            tied=self._tied,
-            tied_copy=not self.stage.first,
-            **self._groups,
-        )
-        same = {"grad_norm": grad_norm, "lr": self.optimizer.param_groups[0]["lr"]}
-        self.optimizer.step()
+        lr = self.optimizer.param_groups[0]["lr"]
+        same = {"grad_norm": self.optimizer.step(), "lr": lr}
         self.scheduler.step(1)
         if self.critic is not None:
             critic_shares, critic_same = self.critic.step(mbs, tokens=tokens, samples=samples)
@@ -315,7 +370,7 @@ class LearnerWorker:
 
     def _allreduce_stats(self, stats: dict[str, float]) -> dict[str, float]:
         keys = sorted(stats)
-        t = torch.tensor([stats[k] for k in keys], dtype=torch.float64)
+        t = torch.tensor([stats[k] for k in keys], dtype=torch.float64, device=self.device)
         if self.dp > 1:
             dist.all_reduce(t, group=self.dp_group)
         return dict(zip(keys, t.tolist(), strict=True))
@@ -323,8 +378,9 @@ class LearnerWorker:
     # --- weights out --------------------------------------------------------------------------------
 
     @torch.no_grad()
-    def export_hf(self) -> dict[str, torch.Tensor] | None:
-        """Full HF-named weights on global rank 0 (every rank must call this)."""
+    def export_hf(self, on_device: bool = False) -> dict[str, torch.Tensor] | None:
+        """Full HF-named weights on global rank 0, on the CPU or (on_device) where the model is (every
+        rank must call this)."""
         params = dict(self.model.named_parameters())
         out: dict[str, torch.Tensor] = {}
         # Each pipeline stage's rank at global rank 0's place collects; the stages then send to rank 0.
@@ -340,7 +396,7 @@ class LearnerWorker:
             for q, q_shards in hf_moe.over_ep_ranks(p, shards, self.shape.moe, self.ep_group):
                 if keep:
                     for name, tensor in zip(q.hf, hf_bridge.to_hf(q, q_shards, self.shape), strict=True):
-                        out[name] = tensor.clone()
+                        out[name] = tensor.clone() if on_device else tensor.to("cpu", copy=True)
         if self.pp > 1:
             return pipeline.gather_to_rank0(out)
         return out if self.rank == 0 else None
@@ -354,6 +410,14 @@ class LearnerWorker:
         if tensors is None:
             return None
         return [ray.put(bucket) for bucket in bucketize(tensors, max_bytes)]
+
+    def export_hf_shared(self, max_bytes: int) -> list[Any] | None:
+        """export_hf kept on the GPU and cut into CUDA IPC buckets of at most max_bytes (engine/cuda_ipc.py):
+        rank 0 returns their handles, which an engine on the same GPU maps without a host copy."""
+        tensors = self.export_hf(on_device=True)
+        if tensors is None:
+            return None
+        return self._shared.share(tensors, max_bytes)
 
     def save_state(self, path: str) -> None:
         """Write this rank's state into an iteration directory (every rank must call this)."""

@@ -23,7 +23,8 @@ from typing import Any, Literal
 import ray
 import torch
 
-from engine.cluster import pin_to_core
+from engine.cluster import gpu_uuid, pin_to_core
+from engine.cuda_ipc import SharedBucket
 from engine.rollout.config import InferenceConfig
 from engine.rollout.hf_engine import DecodeBatch, HFEngine
 from engine.wire import GenerateRequest, GenerateResult
@@ -113,6 +114,7 @@ class EmbeddedEngineActor:
             attn_implementation=cfg.attn_implementation,
             seed=index,
             overrides=overrides,
+            device="cuda" if torch.cuda.is_available() else "cpu",
         )
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"engine{index}")
         self._pending: deque[tuple[GenerateRequest, asyncio.Future]] = deque()
@@ -123,6 +125,11 @@ class EmbeddedEngineActor:
         self._wake: asyncio.Event | None = None
         self._runner: asyncio.Task | None = None
         self.busy_s = 0.0
+        self.sleeps = 0
+        self._awake = asyncio.Event()  # cleared while asleep (colocated mode: the learner trains)
+        self._awake.set()
+        self._idle = asyncio.Event()  # set whenever no batch is decoding
+        self._idle.set()
 
     def _start(self) -> None:
         if self._runner is None:
@@ -184,7 +191,10 @@ class EmbeddedEngineActor:
         if isinstance(named, list):
             staged: dict[str, torch.Tensor] = {}
             for bucket in named:
-                staged.update(await bucket if isinstance(bucket, ray.ObjectRef) else bucket)
+                if isinstance(bucket, ray.ObjectRef):
+                    bucket = await bucket
+                # a CUDA IPC bucket maps the learner's GPU memory (engine/cuda_ipc.py): no host copy
+                staged.update(bucket.open() if isinstance(bucket, SharedBucket) else bucket)
             named = staged
         future = asyncio.get_running_loop().create_future()
         self._update = (named, version, mode, future)
@@ -192,8 +202,43 @@ class EmbeddedEngineActor:
         await future
         return self.engine.version
 
+    async def sleep(self) -> None:
+        """Colocated mode, before training: let the running batch finish, start no new one, and give the
+        device memory that decoding alone needs back (HFEngine.release_memory) until wake."""
+        self._check_running()
+        self._awake.clear()
+        self.sleeps += 1
+        await self._idle.wait()
+        await self._off_loop(self.engine.release_memory)
+
+    async def wake(self) -> None:
+        await self._off_loop(self.engine.resume_memory)
+        self._awake.set()
+        self._check_running().set()
+
+    async def memory(self, reset: bool = False) -> dict[str, float]:
+        """This engine's GPU memory in GiB: allocated now and the peak since the last reset ({} on CPU)."""
+        if not torch.cuda.is_available():
+            return {}
+        out = {
+            "allocated_gib": torch.cuda.memory_allocated() / 2**30,
+            "peak_gib": torch.cuda.max_memory_allocated() / 2**30,
+            "reserved_gib": torch.cuda.memory_reserved() / 2**30,
+        }
+        if reset:
+            torch.cuda.reset_peak_memory_stats()
+        return out
+
+    async def state_dict(self) -> dict[str, torch.Tensor]:
+        """A host copy of the engine's weights under its model's names."""
+        return {name: t.cpu() for name, t in self.engine.state_dict().items()}
+
+    async def gpu_uuid(self) -> str | None:
+        """The physical GPU this engine runs on (None on the CPU)."""
+        return gpu_uuid()
+
     async def stats(self) -> dict[str, float]:
-        return {"version": self.engine.version, "busy_s": self.busy_s}
+        return {"version": self.engine.version, "busy_s": self.busy_s, "sleeps": self.sleeps}
 
     def _deliver(self, results: list[GenerateResult]) -> None:
         for result in results:
@@ -242,12 +287,17 @@ class EmbeddedEngineActor:
                 self._update = None
                 continue
             if self._running is None:
+                self._idle.set()
+                if not self._awake.is_set():
+                    await self._awake.wait()
+                    continue
                 if not self._pending:
                     self._wake.clear()
                     await self._wake.wait()
                     if self.cfg.batch_wait_ms > 0:
                         await asyncio.sleep(self.cfg.batch_wait_ms / 1000)
                     continue
+                self._idle.clear()
                 take = min(len(self._pending), self.cfg.max_batch_size)
                 batch = [self._pending.popleft() for _ in range(take)]
                 requests = [r for r, _ in batch]

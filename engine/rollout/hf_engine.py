@@ -78,6 +78,15 @@ class HFEngine:
                 self._params[name].copy_(tensor)
         self.version = version
 
+    def release_memory(self) -> None:
+        """Colocated mode, while the learner trains: give cached device memory back (the KV caches of
+        finished batches); the weights stay."""
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    def resume_memory(self) -> None:
+        """Undo release_memory (nothing to restore: caches are allocated per batch)."""
+
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {name: p.detach().clone() for name, p in self._params.items()}
 

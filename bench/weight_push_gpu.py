@@ -1,0 +1,145 @@
+"""Weight push from the learner to an embedded engine on the same GPU: CUDA IPC buckets against the
+object-store path, for the Qwen2.5-0.5B shape in bf16.
+
+A LearnerGroup of one CUDA rank (Megatron model, bf16) and an EmbeddedEngineActor (transformers model,
+bf16) share one GPU (half of it each, as in colocated mode). A push is what the controller does: learner
+rank 0 exports its weights under HF names (gathering, un-fusing QKV and gate/up) in buckets of
+inference.update_weight_buffer_size bytes, and the engine applies them as one version. Timed from the
+export call to the engine's acknowledgement, median of --repeats pushes after one untimed push:
+
+- cuda_ipc: buckets stay in GPU memory, the engine maps them (engine/cuda_ipc.py) and copies on device;
+- object_store: buckets copied to host memory, carried by Ray's object store, copied back to the GPU.
+
+After each path the engine's weights are checked against the learner's export, tensor by tensor.
+
+    python -m bench.weight_push_gpu [--shape 0.5b] [--bucket-mib 512] [--repeats 5] [--out DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from bench.common import RESULTS, markdown_table
+from bench.gpu_report import write
+from bench.learner_gpu import gpu_name
+from bench.learner_worker import write_checkpoint
+
+
+def build(ckpt: Path, share: float) -> tuple[Any, Any]:
+    import ray
+
+    from engine.cluster import actor_options, gpus_per_actor
+    from engine.learner.config import (
+        AlgoConfig,
+        CkptConfig,
+        LearnerSpec,
+        ModelConfig,
+        OptimizerConfig,
+        PerfConfig,
+    )
+    from engine.learner.group import LearnerGroup
+    from engine.rollout.config import InferenceConfig
+    from engine.rollout.engines import EmbeddedEngineActor
+
+    dtype = "bfloat16" if torch.cuda.is_available() else "float32"
+    spec = LearnerSpec(
+        model=ModelConfig(params_dtype=dtype),
+        ckpt=CkptConfig(hf_checkpoint=str(ckpt)),
+        perf=PerfConfig(),
+        algo=AlgoConfig(),
+        optimizer=OptimizerConfig(),
+        temperature=1.0,
+        total_steps=10,
+        seed=0,
+        threads=4,
+    )
+    learner = LearnerGroup(1, spec, gpu_share=share)
+    engine = (
+        ray.remote(EmbeddedEngineActor)
+        .options(**actor_options(num_gpus=gpus_per_actor(share)))
+        .remote(str(ckpt), InferenceConfig(dtype=dtype), 0, 4, {})
+    )
+    ray.get(engine.ready.remote())
+    return learner, engine
+
+
+def push(learner: Any, engine: Any, version: int, path: str, size: int) -> dict[str, float]:
+    import ray
+
+    t0 = time.perf_counter()
+    if path == "cuda_ipc":
+        ref = learner.export_shared_buckets(size)
+    else:
+        ref = learner.export_weight_buckets(size)
+    t1 = time.perf_counter()
+    ray.get(engine.update_weights.remote(ref, version, "wait"))
+    t2 = time.perf_counter()
+    return {"total_ms": (t2 - t0) * 1e3, "export_ms": (t1 - t0) * 1e3, "apply_ms": (t2 - t1) * 1e3}
+
+
+def check(learner: Any, engine: Any) -> float:
+    """The largest difference between the engine's weights and the learner's export."""
+    import ray
+
+    exported = ray.get(learner.export_weights())
+    held = ray.get(engine.state_dict.remote())
+    assert exported.keys() == held.keys(), sorted(set(exported) ^ set(held))[:5]
+    return max(float((held[k].float().cpu() - v.float()).abs().max()) for k, v in exported.items())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--shape", default="0.5b")
+    parser.add_argument("--bucket-mib", type=int, default=512)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args()
+
+    import ray
+
+    name = gpu_name()
+    size = args.bucket_mib * 2**20
+    payload: dict[str, Any] = {"gpu": name, "shape": args.shape, "bucket_bytes": size, "results": []}
+    rows = []
+    ray.init(include_dashboard=False, log_to_driver=False)
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            write_checkpoint(args.shape, Path(tmp))
+            learner, engine = build(Path(tmp), 0.5)
+            nbytes = sum(t.numel() * t.element_size() for t in ray.get(learner.export_weights()).values())
+            paths = ["cuda_ipc", "object_store"] if torch.cuda.is_available() else ["object_store"]
+            version = 0
+            for path in paths:
+                version += 1
+                push(learner, engine, version, path, size)  # untimed: first mapping, allocations
+                runs = []
+                for _ in range(args.repeats):
+                    version += 1
+                    runs.append(push(learner, engine, version, path, size))
+                r = {
+                    "path": path,
+                    "bytes": nbytes,
+                    **{k: round(statistics.median(x[k] for x in runs), 2) for k in runs[0]},
+                    "runs": runs,
+                    "max_abs_diff": check(learner, engine),
+                }
+                payload["results"].append(r)
+                print(json.dumps({k: v for k, v in r.items() if k != "runs"}), flush=True)
+                rows.append([path, round(nbytes / 2**20), r["total_ms"], r["export_ms"], r["apply_ms"]])
+    finally:
+        ray.shutdown()
+    table = markdown_table(["path", "MiB", "push ms (median)", "export ms", "engine apply ms"], rows)
+    write(args.out, f"weight_push_{(name or 'cpu').split()[-1].lower()}", payload, table)
+    print(table)
+
+
+if __name__ == "__main__":
+    main()

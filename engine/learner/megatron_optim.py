@@ -1,0 +1,102 @@
+"""Megatron's mixed-precision distributed optimizer for a learner model on CUDA.
+
+Guarantee: `MegatronModelOptimizer.step` leaves the model as `TorchModelOptimizer` (engine/learner/optim.py)
+would for the same backward passes: the gradient of the global-batch loss summed (not averaged) over
+data-parallel ranks, QK-norm gradients summed over tensor-parallel ranks and tied embeddings over pipeline
+stages (Megatron's finalize_model_grads), clipped to clip_grad by the norm over the whole model, then one
+Adam/SGD update. The difference is where the numbers live: the model holds bf16 (or fp32) weights, the
+gradients accumulate into fp32 buffers (Megatron's DistributedDataParallel), and fp32 master weights and
+Adam moments are sharded over data-parallel ranks (ZeRO-1, Megatron's DistributedOptimizer).
+
+Megatron's optimizer wrapper needs CUDA, so the CPU learner uses torch's optimizers instead.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from engine.learner.config import OptimizerConfig
+from engine.learner.optim import ModelOptimizer
+
+
+class MegatronModelOptimizer(ModelOptimizer):
+    """DistributedDataParallel + DistributedOptimizer over one model (actor or critic)."""
+
+    def __init__(self, model: torch.nn.Module, cfg: OptimizerConfig, lr: float) -> None:
+        from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+        from megatron.core.optimizer import OptimizerConfig as MegatronOptimizerConfig
+        from megatron.core.optimizer import get_megatron_optimizer
+
+        config = model.config
+        # The learner's losses are shares of the global-batch loss already: Megatron must sum gradients
+        # over data-parallel ranks, not average them (its per-token-loss mode scales by 1).
+        config.calculate_per_token_loss = True
+        dtype = config.params_dtype
+        self.ddp = DistributedDataParallel(
+            config=config,
+            ddp_config=DistributedDataParallelConfig(
+                grad_reduce_in_fp32=True, overlap_grad_reduce=False, use_distributed_optimizer=True
+            ),
+            module=model,
+        )
+        self.inner = get_megatron_optimizer(
+            MegatronOptimizerConfig(
+                optimizer=cfg.optimizer,
+                lr=lr,
+                min_lr=cfg.min_lr * lr / cfg.lr,
+                weight_decay=cfg.weight_decay,
+                adam_beta1=cfg.adam_beta1,
+                adam_beta2=cfg.adam_beta2,
+                adam_eps=cfg.adam_eps,
+                sgd_momentum=cfg.sgd_momentum,
+                clip_grad=cfg.clip_grad,
+                bf16=dtype == torch.bfloat16,
+                params_dtype=dtype,
+                use_distributed_optimizer=True,
+            ),
+            [self.ddp],
+        )
+
+    @property
+    def param_groups(self) -> list[dict[str, Any]]:
+        return self.inner.param_groups
+
+    def zero_grad(self) -> None:
+        self.ddp.zero_grad_buffer()
+        self.inner.zero_grad()
+
+    def step(self) -> float:
+        from megatron.core.distributed import finalize_model_grads
+
+        finalize_model_grads([self.ddp])
+        if self.inner.config.clip_grad > 0:
+            ok, norm, _ = self.inner.step()
+        else:  # Megatron computes the norm only to clip: the metric is taken here
+            norm = self.inner.get_grad_norm()
+            ok, _, _ = self.inner.step()
+        if not ok:
+            raise FloatingPointError("the optimizer step was skipped: non-finite gradients")
+        return float(norm)
+
+    def offload(self) -> None:
+        """Master weights and moments to host memory, gradient buffers freed (views kept): between steps
+        in colocated mode the GPU holds only the bf16 model."""
+        self.inner.offload_to_cpu()
+        self.ddp.offload_grad_buffers()
+
+    def reload(self) -> None:
+        self.ddp.restore_grad_buffers()
+        self.inner.restore_from_cpu()
+
+    def state_dict(self) -> dict[str, Any]:
+        """This rank's part: the optimizer's settings and its shard of master weights and moments."""
+        return {
+            "optimizer": self.inner.state_dict(),
+            "shard": self.inner.get_parameter_state_dp_reshardable(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.inner.load_state_dict(state["optimizer"])
+        self.inner.load_parameter_state_from_dp_reshardable(state["shard"])
