@@ -8,7 +8,7 @@ clipped policy loss, entropy metric) through Megatron's DistributedDataParallel 
 Qwen2.5-shaped HF checkpoint written on the spot (no download).
 
 Variants (all bf16, SDPA attention): "padded" (micro_batch_size = micro_tokens / seq), "packed"
-(use_dynamic_batch_size, max_tokens_per_gpu = micro_tokens) and "packed + compiled" (perf.torch_compile).
+(use_dynamic_batch_size, max_tokens_per_gpu = micro_tokens), each also with perf.torch_compile.
 Each does --warmup untimed train calls, then --steps timed ones (one optimizer step on step_tokens tokens
 each); the median wall time of the call (Ray call included) gives tokens/s; MFU uses bench/learner_gpu.py's
 FLOPs per token and the bf16 matmul rate measured in the same run.
@@ -34,7 +34,7 @@ from bench.common import RESULTS, markdown_table
 from bench.gpu_report import write
 from bench.learner_gpu import flops_per_token, gpu_name, hf_config, matmul_tflops, nominal_tflops
 
-VARIANTS = ("padded", "packed", "packed + compiled")
+VARIANTS = ("padded", "padded + compiled", "packed", "packed + compiled")
 
 
 def write_checkpoint(shape: str, root: Path) -> tuple[Any, int]:
@@ -92,8 +92,8 @@ def rollout(num: int, seq: int, vocab: int, prompt: int = 128, group: int = 8) -
 def perf_for(variant: str, seq: int, micro_tokens: int) -> Any:
     from engine.learner.config import PerfConfig
 
-    if variant == "padded":
-        return PerfConfig(micro_batch_size=max(1, micro_tokens // seq))
+    if variant.startswith("padded"):
+        return PerfConfig(micro_batch_size=max(1, micro_tokens // seq), torch_compile="compiled" in variant)
     return PerfConfig(
         use_dynamic_batch_size=True, max_tokens_per_gpu=micro_tokens, torch_compile="compiled" in variant
     )
