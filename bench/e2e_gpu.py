@@ -88,7 +88,8 @@ def run(mode: str, model: Path, out: Path, args: argparse.Namespace, sampler: Gp
         f"rollout.num_rollout={args.steps}", f"rollout.max_response_len={args.response_len}",
         "rollout.batch_size=32", "rollout.n_samples_per_prompt=8",
         "model.params_dtype=bfloat16", "inference.dtype=bfloat16", "inference.max_batch_size=256",
-        "perf.use_dynamic_batch_size=true", micro, "optimizer.lr=1e-6", "optimizer.min_lr=1e-7", "optimizer.lr_warmup_iters=0",
+        "perf.use_dynamic_batch_size=true", micro,
+        "optimizer.lr=1e-6", "optimizer.min_lr=1e-7", "optimizer.lr_warmup_iters=0",
         "eval.datasets={}", "eval.interval=0", "--no-progress", *MODES[mode], *args.extra,
     ]  # fmt: skip
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
@@ -101,6 +102,7 @@ def run(mode: str, model: Path, out: Path, args: argparse.Namespace, sampler: Gp
     end = timed[-1]["wall_time"]  # the span of the timed steps, on the clock the GPU samples carry
     start = end - wall
     samples = sum(r["rollout/samples"] for r in timed)
+    tokens = sum(r["rollout/response_len_mean"] * r["rollout/samples"] for r in timed)
     memory = {k: max(r.get(k, 0.0) for r in timed) for k in timed[-1] if k.startswith("memory/")}
     return {
         "mode": mode,
@@ -108,7 +110,7 @@ def run(mode: str, model: Path, out: Path, args: argparse.Namespace, sampler: Gp
         "samples": samples,
         "wall_s": round(wall, 2),
         "samples_per_s": round(samples / wall, 2),
-        "tokens_per_s": round(sum(r["rollout/response_len_mean"] * r["rollout/samples"] for r in timed) / wall, 1),
+        "tokens_per_s": round(tokens / wall, 1),
         "gpu_busy": sampler.mean(start, end),
         "train_s": round(sum(r["time/train"] for r in timed), 2),
         "rollout_wait_s": round(sum(r["time/rollout_wait"] for r in timed), 2),
