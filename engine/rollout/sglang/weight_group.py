@@ -3,8 +3,8 @@
 Guarantees: `join_group` builds the group the way SGLang 0.5.9's /init_weights_update_group does
 (rendezvous at tcp://master_address:master_port, a store prefixed by the group name, rank 0 the
 sender, server ranks from their rank_offset), so either end can be this module or SGLang itself;
-`WeightSender.broadcast` sends a bucket's tensors in the bucket's order from rank 0, which is the
-order of the names, dtypes and shapes the servers were sent first (`describe`).
+`WeightSender.broadcast_bucket` sends a bucket's tensors in the bucket's order from rank 0, which is the
+order of the names, dtypes and shapes the servers were sent first (`describe_bucket`).
 """
 
 from __future__ import annotations
@@ -89,15 +89,15 @@ class WeightSender:
     ) -> None:
         self.groups[group_name] = join_group(master_address, master_port, 0, world_size, group_name, backend)
 
-    def leave(self, group_name: str) -> None:
+    def leave_weight_group(self, group_name: str) -> None:
         group = self.groups.pop(group_name, None)
         if group is not None:
             dist.destroy_process_group(group)
 
-    def describe(self, bucket: dict[str, torch.Tensor]) -> dict[str, list]:
+    def describe_bucket(self, bucket: dict[str, torch.Tensor]) -> dict[str, list]:
         return describe(bucket)
 
-    def broadcast(self, group_name: str, bucket: dict[str, torch.Tensor]) -> int:
+    def broadcast_bucket(self, group_name: str, bucket: dict[str, torch.Tensor]) -> int:
         """Send every tensor of the bucket, in order; returns the bytes sent."""
         group = self.groups[group_name]
         tensors = [t.to(self.device).contiguous() for t in bucket.values()]

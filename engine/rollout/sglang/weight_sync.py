@@ -39,8 +39,8 @@ def free_port() -> int:
 
 
 class SglangWeightSync:
-    """Driver-side: pushes weights from `sender` (has join/describe/broadcast: learner rank 0 or a
-    WeightSender actor) to the server actors. Calls block until every server holds the version."""
+    """Driver-side: pushes weights from `sender` (learner rank 0, or a WeightSender actor: both
+    have WeightSender's methods) to the server actors. Calls block until every server holds the version."""
 
     def __init__(
         self, servers: list[Any], tp_sizes: list[int], sender: Any, *, backend: str = "nccl"
@@ -61,7 +61,7 @@ class SglangWeightSync:
             same = zip(self.servers, incarnations, self._incarnations, strict=True)
             kept = [s for s, a, b in same if a == b]
             ray.get(
-                [self.sender.leave.remote(old)]
+                [self.sender.leave_weight_group.remote(old)]
                 + [s.call.remote("POST", "/destroy_weights_update_group", {"group_name": old}) for s in kept]
             )
         self._groups += 1
@@ -69,7 +69,7 @@ class SglangWeightSync:
         address = ray.util.get_node_ip_address()
         port = free_port()
         world = 1 + sum(self.tp_sizes)
-        joins = [self.sender.join.remote(address, port, world, name, self.backend)]
+        joins = [self.sender.join_weight_group.remote(address, port, world, name, self.backend)]
         offset = 1
         for server, tp in zip(self.servers, self.tp_sizes, strict=True):
             body = {
@@ -98,7 +98,7 @@ class SglangWeightSync:
         if mode in ("continue", "resume"):
             self._all("/pause_generation", {"mode": "in_place" if mode == "continue" else "abort"})
         try:
-            metas = ray.get([self.sender.describe.remote(b) for b in buckets])
+            metas = ray.get([self.sender.describe_bucket.remote(b) for b in buckets])
             calls = [(metas, buckets)] if mode == "wait" else [([m], [b]) for m, b in zip(metas, buckets)]
             for i, (call_metas, call_buckets) in enumerate(calls):
                 last = i == len(calls) - 1
@@ -113,7 +113,7 @@ class SglangWeightSync:
                 }
                 path = "/update_weights_from_distributed"
                 updates = [s.call.remote("POST", path, body) for s in self.servers]
-                sent = [self.sender.broadcast.remote(group, b) for b in call_buckets]
+                sent = [self.sender.broadcast_bucket.remote(group, b) for b in call_buckets]
                 ray.get(sent)
                 for answer in ray.get(updates):
                     if not answer.get("success"):
