@@ -89,7 +89,7 @@ class FakeSglang:
         self.params = dict(self.engine.model.named_parameters())
         self.executor = ThreadPoolExecutor(max_workers=1)
         self.pending: deque[Req] = deque()
-        self.running: tuple[DecodeBatch, list[Req]] | None = None
+        self.running: list[tuple[DecodeBatch, list[Req]]] = []  # decoding side by side
         self.reqs: dict[str, Req] = {}
         self.ids = 0
         self.aborts: list[str | None] = []
@@ -139,43 +139,38 @@ class FakeSglang:
             for req in [r for r in self.pending if matches(r.rid, prefix)]:
                 self.pending.remove(req)
                 self._emit(req, [], [], "abort")
-            if self.running is not None:
-                batch, reqs = self.running
+            for batch, reqs in self.running:
                 batch.abort({r.request.rid for r in reqs if matches(r.rid, prefix)})
         self.aborts.clear()
 
-    def _emit_batch(self) -> None:
-        assert self.running is not None
-        batch, reqs = self.running
-        for i, req in enumerate(reqs):
-            if not req.done:
-                self._emit(req, batch.tokens[i], batch.logprobs[i], batch.reasons[i])
-        if all(r.done for r in reqs):
-            self.running = None
+    def _emit_batches(self) -> None:
+        for batch, reqs in self.running:
+            for i, req in enumerate(reqs):
+                if not req.done:
+                    self._emit(req, batch.tokens[i], batch.logprobs[i], batch.reasons[i])
+        self.running = [(b, reqs) for b, reqs in self.running if not all(r.done for r in reqs)]
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
             self._apply_aborts()
-            if self.running is not None:
-                self._emit_batch()
-            if self.engine_paused or (self.running is None and not self.pending):
+            self._emit_batches()
+            if self.engine_paused or not (self.running or self.pending):
                 self.wake.clear()
                 await self.wake.wait()
                 continue
-            async with self.model_lock:
-                if self.running is None:
+            async with self.model_lock:  # new requests start a batch of their own; then one step each
+                if self.pending:
                     reqs = list(self.pending)
                     self.pending.clear()
-                    batch = await loop.run_in_executor(
-                        self.executor, self.engine.start, [r.request for r in reqs]
-                    )
-                    self.running = (batch, reqs)
-                else:
-                    await loop.run_in_executor(self.executor, self.running[0].step)
+                    requests = [r.request for r in reqs]
+                    batch = await loop.run_in_executor(self.executor, self.engine.start, requests)
+                    self.running.append((batch, reqs))
+                for batch, _ in self.running:
+                    await loop.run_in_executor(self.executor, batch.step)
 
     def busy(self) -> bool:
-        return bool(self.pending) or self.running is not None
+        return bool(self.pending or self.running)
 
     # --- the model-update lock (a reader per request, a writer per weight update) --------------------
 
@@ -421,7 +416,9 @@ class FakeSglang:
         )
 
     async def fake_received(self, request: web.Request) -> web.Response:
-        return web.json_response({"names": self.received, "released": sorted(self.released)})
+        return web.json_response(
+            {"names": self.received, "released": sorted(self.released), "in_flight": self.in_flight}
+        )
 
 
 def app_for(server: FakeSglang) -> web.Application:
