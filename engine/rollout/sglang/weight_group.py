@@ -80,14 +80,15 @@ def receive(group: Any, names: list[str], dtypes: list[str], shapes: list[list[i
 class WeightSender:
     """Rank 0 of weight-update groups (held by learner rank 0, or used as a Ray actor on its own)."""
 
-    def __init__(self, device: str = "cpu") -> None:
-        self.device = device
+    def __init__(self) -> None:
         self.groups: dict[str, Any] = {}
+        self.device = "cpu"
 
-    def join(
-        self, master_address: str, master_port: int, world_size: int, group_name: str, backend: str
+    def join_weight_group(
+        self, address: str, port: int, world_size: int, group_name: str, backend: str
     ) -> None:
-        self.groups[group_name] = join_group(master_address, master_port, 0, world_size, group_name, backend)
+        self.device = "cuda" if backend == "nccl" else "cpu"  # NCCL sends from the GPU
+        self.groups[group_name] = join_group(address, port, 0, world_size, group_name, backend)
 
     def leave_weight_group(self, group_name: str) -> None:
         group = self.groups.pop(group_name, None)
