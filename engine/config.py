@@ -21,6 +21,7 @@ from engine.cluster import ClusterConfig
 from engine.errors import ConfigError
 from engine.learner.config import AlgoConfig, CkptConfig, ModelConfig, OptimizerConfig, PerfConfig
 from engine.rollout.config import EvalConfig, InferenceConfig, RolloutConfig
+from engine.rollout.sglang.config import check_sglang
 
 SECTIONS = ("model", "ckpt", "rollout", "eval", "perf", "algo", "optimizer", "inference", "cluster")
 
@@ -47,6 +48,7 @@ class Config(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
             getattr(self, name).check()
         self._check_batch_sizes()
         self._check_parallel_sizes()
+        check_sglang(self.inference, learner_ranks=self.cluster.learner_ranks)
         if self.inference.colocate and self.rollout.max_staleness > 0:
             raise ConfigError(
                 "inference.colocate = true needs rollout.max_staleness = 0 "

@@ -81,18 +81,27 @@ class Trainer:
             ray.get(self.buffer.restore_partials.remote(decode_state(resume).cached))
         engine_actor = ray.remote(EmbeddedEngineActor)
         share = self.gpu_share()
-        self.engines = [
-            engine_actor.options(**actor_options(num_gpus=gpus_per_actor(share))).remote(
-                self.start.engine_init,
-                c.inference,
-                i,
-                threads,
-                c.model.overrides,
-                i if c.cluster.pin_cores else None,
-            )
-            for i in range(c.inference.num_engines)
-        ]
-        self._actors += self.engines
+        if c.inference.backend == "sglang":  # engine/rollout/sglang: servers, endpoints, weight sync
+            from engine.rollout.sglang import launch as sglang
+
+            self.engines = []
+            self.servers = sglang.start_servers(c.inference, self.start.engine_init, c.cluster.learner_ranks)
+            self._actors += self.servers
+            clients: list[Any] = sglang.endpoints(c.inference, self.servers)
+        else:
+            self.engines = [
+                engine_actor.options(**actor_options(num_gpus=gpus_per_actor(share))).remote(
+                    self.start.engine_init,
+                    c.inference,
+                    i,
+                    threads,
+                    c.model.overrides,
+                    i if c.cluster.pin_cores else None,
+                )
+                for i in range(c.inference.num_engines)
+            ]
+            self._actors += self.engines
+            clients = self.engines
         self.producer = (
             ray.remote(ProducerActor)
             .options(**actor_options(max_concurrency=4))
@@ -102,7 +111,7 @@ class Trainer:
                 c.ckpt.hf_checkpoint,
                 ray.put(self.prompts),
                 ray.put(self.eval_sets),
-                self.engines,
+                clients,
                 self.buffer,
                 address,
                 self.num_rollout,
@@ -127,13 +136,19 @@ class Trainer:
         )
         self.learner = LearnerGroup(c.cluster.learner_ranks, spec, gpu_share=share)
         self._actors += self.learner.workers
+        if c.inference.backend == "sglang":
+            from engine.rollout.sglang.weight_sync import SglangWeightSync
+
+            tp = [c.inference.num_gpus_per_engine] * len(self.servers)
+            backend = "gloo" if c.inference.sglang.get("device") == "cpu" else "nccl"
+            self.weight_sync = SglangWeightSync(self.servers, tp, self.learner.workers[0], backend=backend)
         ray.get([e.ready.remote() for e in self.engines])
         if c.inference.colocate:  # the engines decode first: the learner frees its optimizer memory
             self.learner.sleep()
         # Learner rank 0 and every engine on one GPU: weights move by CUDA IPC, never through the host.
         rank0 = self.learner.info[0]["gpu_uuid"]
         engines = ray.get([e.gpu_uuid.remote() for e in self.engines])
-        self.cuda_ipc = rank0 is not None and all(u == rank0 for u in engines)
+        self.cuda_ipc = rank0 is not None and bool(engines) and all(u == rank0 for u in engines)
         ray.get(self.producer.num_prompts.remote())
         self.prompts, self.eval_sets = [], {}  # the producer holds them now
 
@@ -287,6 +302,11 @@ class Trainer:
             weights = self.learner.export_weight_buckets(size)
         ray.get(self._pushed)
         mode = self.cfg.rollout.on_weight_update
+        if self.cfg.inference.backend == "sglang":  # blocks until every server reports the version
+            versions = self.weight_sync.push(ray.get(weights), version, mode)
+            self._pushed = self.producer.set_version.remote(version, *versions)
+            self.version = version
+            return
         applied = [e.update_weights.remote(weights, version, mode) for e in self.engines]
         self._pushed = self.producer.set_version.remote(version, *applied)
         self.version = version
@@ -295,7 +315,7 @@ class Trainer:
         """GPU memory at the end of a phase (GiB): each process' peak during it and what it holds now
         (learner rank 0, engine 0); peaks are reset for the next phase. Empty on the CPU."""
         learner = self.learner.memory(reset=True)[0]
-        engine = ray.get(self.engines[0].memory.remote(True))
+        engine = ray.get(self.engines[0].memory.remote(True)) if self.engines else {}
         out = {}
         for who, m in (("learner", learner), ("engine", engine)):
             if m:
@@ -319,6 +339,9 @@ class Trainer:
 
     def kill(self) -> None:
         """End every actor this trainer started, whatever state it is in."""
+        stops = [server.stop.remote() for server in getattr(self, "servers", [])]
+        if stops:  # server processes run in sessions of their own: stop them before their actors go
+            ray.wait(stops, num_returns=len(stops), timeout=60)
         for actor in self._actors:
             ray.kill(actor)
         self._actors.clear()

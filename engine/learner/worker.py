@@ -430,3 +430,26 @@ class LearnerWorker:
             return None
         assert tensors is not None
         return str(save_hf_checkpoint(tensors, self.hf_config, self.ckpt.hf_checkpoint, path))
+
+    # --- weights to SGLang servers (rank 0 sends: engine/rollout/sglang/weight_group.py) -------------
+
+    def _sender(self) -> Any:
+        from engine.rollout.sglang.weight_group import WeightSender
+
+        if not hasattr(self, "_weight_sender"):
+            self._weight_sender = WeightSender()
+        return self._weight_sender
+
+    def join_weight_group(
+        self, address: str, port: int, world_size: int, group_name: str, backend: str
+    ) -> None:
+        self._sender().join_weight_group(address, port, world_size, group_name, backend)
+
+    def leave_weight_group(self, group_name: str) -> None:
+        self._sender().leave_weight_group(group_name)
+
+    def describe_bucket(self, bucket: dict[str, torch.Tensor]) -> dict[str, list]:
+        return self._sender().describe_bucket(bucket)
+
+    def broadcast_bucket(self, group_name: str, bucket: dict[str, torch.Tensor]) -> int:
+        return self._sender().broadcast_bucket(group_name, bucket)

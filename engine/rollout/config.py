@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from typing import Literal
+from typing import Any, Literal
 
 import msgspec
 
@@ -172,7 +172,7 @@ class InferenceConfig(Section, kw_only=True):
 
     section_name = "inference"
 
-    backend: Literal["embedded"] = "embedded"
+    backend: Literal["embedded", "sglang"] = "embedded"
     num_engines: int = 1
     max_batch_size: int = 256
     batch_wait_ms: float = 2.0
@@ -182,7 +182,23 @@ class InferenceConfig(Section, kw_only=True):
     attn_implementation: Literal["sdpa", "eager"] = "sdpa"
     # The weight push travels in buckets of at most this many bytes (a larger tensor travels alone).
     update_weight_buffer_size: int = 512 * 2**20
+    # backend = "sglang" (docs/sglang.md): GPUs for rollout and per server (its tp_size), or servers
+    # started elsewhere (engine_urls, optionally behind router_url); [inference.sglang] is forwarded.
+    num_gpus: int | None = None
+    num_gpus_per_engine: int = 1
+    engine_urls: list[str] = msgspec.field(default_factory=list)
+    router_url: str | None = None
+    server_start_timeout: float = 900.0
+    health_check_interval: float = 10.0
+    health_check_timeout: float = 30.0
+    max_server_restarts: int = 3
+    sglang: dict[str, Any] = msgspec.field(default_factory=dict)
 
     def check(self) -> None:
+        from engine.rollout.sglang.config import check_sglang
+
         self.positive("num_engines", "max_batch_size", "update_weight_buffer_size")
-        self.non_negative("batch_wait_ms")
+        self.non_negative("batch_wait_ms", "max_server_restarts")
+        self.positive("num_gpus", "num_gpus_per_engine", "server_start_timeout")
+        self.positive("health_check_interval", "health_check_timeout")
+        check_sglang(self)

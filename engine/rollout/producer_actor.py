@@ -21,6 +21,7 @@ from engine.rollout.engines import InferenceEngine, RayEngineClient
 from engine.rollout.producer import Producer
 from engine.rollout.progress import RayPartialStore, decode_state, encode_state
 from engine.rollout.rewards import RewardPool
+from engine.rollout.sglang.launch import SglangEndpoint
 from engine.transport import ZmqSampleSink
 
 
@@ -51,7 +52,9 @@ class ProducerActor:
         async def build() -> Producer:
             sink = ZmqSampleSink(buffer_address)
             partials = RayPartialStore(sink, buffer) if rollout.partial_rollout else None
-            clients: list[InferenceEngine] = [RayEngineClient(e) for e in engines]
+            clients: list[InferenceEngine] = [
+                e.client() if isinstance(e, SglangEndpoint) else RayEngineClient(e) for e in engines
+            ]
             return Producer(
                 rollout,
                 evaluation,
