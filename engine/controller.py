@@ -327,6 +327,8 @@ class Trainer:
         """The share of a GPU each learner rank and engine asks for: a whole one when the cluster has a
         GPU for each, else an equal share (one GPU: learner and engine on it together)."""
         gpus = ray.cluster_resources().get("GPU", 0)
+        if self.cfg.inference.backend == "sglang":  # the servers hold GPUs of their own (placement groups)
+            return 1.0
         need = self.cfg.cluster.learner_ranks + self.cfg.inference.num_engines
         if not gpus or gpus >= need:
             return 1.0
