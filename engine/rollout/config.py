@@ -182,7 +182,17 @@ class InferenceConfig(Section, kw_only=True):
     attn_implementation: Literal["sdpa", "eager"] = "sdpa"
     # The weight push travels in buckets of at most this many bytes (a larger tensor travels alone).
     update_weight_buffer_size: int = 512 * 2**20
+    # The embedded engine's implementation and device (docs/config.md): "static" is the static-cache
+    # engine (engine/rollout/static_engine.py); "auto" picks it on CUDA for dense models.
+    engine_impl: Literal["auto", "transformers", "static"] = "auto"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    # Static engine: positions per sequence (prompt + response) in its KV cache, padded tokens per
+    # prefill chunk, decode steps replayed from CUDA graphs.
+    context_length: int = 4096
+    max_prefill_tokens: int = 16384
+    cuda_graph: bool = True
 
     def check(self) -> None:
         self.positive("num_engines", "max_batch_size", "update_weight_buffer_size")
         self.non_negative("batch_wait_ms")
+        self.positive("context_length", "max_prefill_tokens")
