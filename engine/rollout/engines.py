@@ -287,6 +287,7 @@ class EmbeddedEngineActor:
                     future = self._futures.pop(rid, None)
                     if future is not None and not future.done():
                         future.set_exception(e)
+                self._running.abort()  # its rows are released (the static engine's slots too)
                 self._running = None
                 continue
             self._deliver(finished)

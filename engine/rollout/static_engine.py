@@ -28,7 +28,7 @@ from engine.rollout.decode_graphs import DecodeInputs, DecodeRunner
 from engine.rollout.dense_forward import DenseForward
 from engine.rollout.device_sampling import as_int64_seeds, draw, truncates
 from engine.rollout.hf_engine import HFEngine
-from engine.rollout.kv_cache import SlotCache
+from engine.rollout.kv_cache import ALIGN, SlotCache
 from engine.wire import GenerateRequest, GenerateResult
 
 
@@ -54,7 +54,7 @@ class StaticEngine(HFEngine):
         self.cache_slots = max_batch_size
         self.max_prefill_tokens = max_prefill_tokens
         try:
-            self.forward = DenseForward(self.model, c, positions=-(-context_length // 64) * 64)
+            self.forward = DenseForward(self.model, c, positions=-(-context_length // ALIGN) * ALIGN)
         except ValueError as e:
             raise ConfigError(
                 f"the static engine cannot run {model_path}: {e}", section="inference", key="engine_impl"
