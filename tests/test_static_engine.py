@@ -270,6 +270,18 @@ def test_engine_choice_and_refusals(tmp_path, tiny_ckpt) -> None:
         InferenceConfig(context_length=0).check()
 
 
+def test_bucket_padding_changes_no_result(tiny_ckpt, static) -> None:
+    """Decode steps padded to the CUDA-graph buckets (rows 1, 2, 4; key spans of 64) give the same draws:
+    padding rows only touch free slots and the span mask hides what lies past each row's position."""
+    padded = StaticEngine(str(tiny_ckpt), max_batch_size=4, context_length=100)
+    padded.runner.pad = True
+    assert padded.runner.row_buckets == [1, 2, 4] and padded.runner.span_buckets == [64, 128]
+    reqs = requests(tiny_ckpt, n=7, max_new=40, temperature=0.9, top_k=30)
+    for a, b in zip(static.generate(reqs), padded.generate(reqs), strict=True):
+        assert (b.token_ids, b.finish_reason) == (a.token_ids, a.finish_reason)
+        assert b.logprobs == pytest.approx(a.logprobs, abs=1e-5)
+
+
 def test_the_actor_lets_requests_join_a_running_batch(tiny_ckpt) -> None:
     cfg = InferenceConfig(
         batch_wait_ms=0.0, engine_impl="static", device="cpu", max_batch_size=4, context_length=64

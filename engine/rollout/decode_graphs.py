@@ -80,6 +80,8 @@ class DecodeRunner:
     ) -> None:
         self.forward, self.cache, self.inputs = forward, cache, inputs
         self.use_graphs = use_graphs
+        # Eager steps padded to the buckets as graphs are (a CPU check of the padding; graphs imply it).
+        self.pad = False
         self.max_position = cache.context_length - 1
         self.row_buckets = sorted({min(1 << i, cache.slots) for i in range(cache.slots.bit_length() + 1)})
         spans, span = [], ALIGN
@@ -126,13 +128,16 @@ class DecodeRunner:
     def step(self, live: int, span: int, truncate: bool) -> torch.Tensor:
         """Draw the next token of rows 0..live-1, whose keys span positions < span; returns the host
         tensor [2, live] (tokens, log-probs as float64) and advances the inputs on the device."""
-        if self.use_graphs:
+        if self.use_graphs or self.pad:
             rows = bucket(live, self.row_buckets)
             key = (rows, bucket(span, self.span_buckets), truncate)
-            if key not in self._graphs:
-                self._graphs[key] = self._capture(key)
-            graph, tokens, packed = self._graphs[key]
-            graph.replay()
+            if not self.use_graphs:
+                tokens, packed = self._step(*key)
+            else:
+                if key not in self._graphs:
+                    self._graphs[key] = self._capture(key)
+                graph, tokens, packed = self._graphs[key]
+                graph.replay()
         else:
             rows = live
             tokens, packed = self._step(rows, span, truncate)
