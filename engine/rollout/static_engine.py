@@ -142,7 +142,9 @@ class SlotBatch:
             raise ValueError(f"{len(requests)} requests for {self.free_slots} free slots")
         limit = engine.kv.context_length
         for r in requests:
-            if not 0 < len(r.prompt_ids) < limit:
+            if not r.prompt_ids:
+                raise ValueError(f"request {r.rid}: the prompt is empty")
+            if len(r.prompt_ids) >= limit:
                 raise ConfigError(
                     f"request {r.rid}: a prompt of {len(r.prompt_ids)} tokens does not fit "
                     f"inference.context_length = {limit} (it needs at least one more position)",
