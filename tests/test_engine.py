@@ -1,4 +1,5 @@
-"""The embedded engine: stop tokens, budgets, log-probs, seeded draws and in-place weight updates."""
+"""The embedded engine: stop tokens, budgets, log-probs, seeded draws and in-place weight updates, for
+both implementations (the transformers engine and the static-cache engine, run eagerly on the CPU)."""
 
 from __future__ import annotations
 
@@ -7,13 +8,19 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from engine.rollout.hf_engine import HFEngine, WeightUpdateError
+from engine.rollout.static_engine import StaticEngine
 from engine.wire import GenerateRequest, SamplingParams
 from tests.helpers import prompt_ids
 
 
+@pytest.fixture(scope="module", params=[HFEngine, StaticEngine], ids=["transformers", "static"])
+def engine_cls(request):
+    return request.param
+
+
 @pytest.fixture(scope="module")
-def engine(tiny_ckpt):
-    return HFEngine(str(tiny_ckpt), seed=0)
+def engine(tiny_ckpt, engine_cls):
+    return engine_cls(str(tiny_ckpt), seed=0)
 
 
 def requests(tiny_ckpt, n=6, max_new=12, seed0=100, **params):
@@ -77,8 +84,8 @@ def test_seeded_requests_ignore_batch_company(engine, tiny_ckpt) -> None:
     assert [r.token_ids for r in other] != [r.token_ids for r in together]
 
 
-def test_weight_update_in_place_and_refusals(tiny_ckpt) -> None:
-    engine = HFEngine(str(tiny_ckpt))
+def test_weight_update_in_place_and_refusals(tiny_ckpt, engine_cls) -> None:
+    engine = engine_cls(str(tiny_ckpt))
     state = engine.state_dict()
     before = engine.model.model.embed_tokens.weight.data_ptr()
     changed = {k: v * 1.5 for k, v in state.items()}

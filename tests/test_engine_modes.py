@@ -3,7 +3,7 @@
 The actor class and the producer's decode loop run here directly in one asyncio loop (no Ray), so the
 test decides when an update arrives: after the running batch has drawn a few tokens, never by a clock.
 Requests use seeds whose responses are long (checked first), so a batch is always still running when
-the update lands.
+the update lands. Every test runs on both embedded engine implementations (inference.engine_impl).
 """
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ from transformers import AutoTokenizer
 from engine.buffer.buffer import BufferActor
 from engine.rollout.config import EvalConfig, InferenceConfig, RolloutConfig
 from engine.rollout.data import Prompt
+from engine.rollout.engine_choice import build_engine
 from engine.rollout.engines import EmbeddedEngineActor, InferenceEngine
-from engine.rollout.hf_engine import HFEngine
 from engine.rollout.producer import Group, PartialStore, Producer, Response
 from engine.rollout.rewards import RewardPool
 from engine.transport import ZmqSampleSink
@@ -41,10 +41,19 @@ class Local(InferenceEngine):
         await self.actor.abort(rids)
 
 
+@pytest.fixture(scope="module", params=["transformers", "static"])
+def impl(request) -> str:
+    return request.param
+
+
+def config(impl: str, **kw) -> InferenceConfig:
+    return InferenceConfig(batch_wait_ms=0.0, engine_impl=impl, device="cpu", **kw)  # type: ignore[arg-type]
+
+
 @pytest.fixture(scope="module")
-def long_seeds(tiny_ckpt):
+def long_seeds(tiny_ckpt, impl):
     """Seeds whose responses run the whole budget without stopping, and those responses."""
-    engine = HFEngine(str(tiny_ckpt))
+    engine = build_engine(str(tiny_ckpt), config(impl), seed=0)
     ids = prompt_ids(tiny_ckpt, "12+34")
     params = SamplingParams(max_new_tokens=LENGTH)
     reqs = [GenerateRequest(rid=s, prompt_ids=ids, params=params, seed=s) for s in range(200)]
@@ -53,8 +62,8 @@ def long_seeds(tiny_ckpt):
     return ids, dict(list(full.items())[:3])
 
 
-def actor(tiny_ckpt) -> EmbeddedEngineActor:
-    return EmbeddedEngineActor(str(tiny_ckpt), InferenceConfig(batch_wait_ms=0.0), 0, 1, {})
+def actor(tiny_ckpt, impl: str, **kw) -> EmbeddedEngineActor:
+    return EmbeddedEngineActor(str(tiny_ckpt), config(impl, **kw), 0, 1, {})
 
 
 async def until_running(a: EmbeddedEngineActor, steps: int = 3) -> None:
@@ -73,11 +82,11 @@ def same_weights(a: EmbeddedEngineActor) -> dict[str, torch.Tensor]:
     return a.engine.state_dict()
 
 
-def test_continue_keeps_decoding_and_later_tokens_carry_the_new_version(tiny_ckpt, long_seeds) -> None:
+def test_continue_keeps_decoding_and_later_tokens_carry_the_new_version(tiny_ckpt, long_seeds, impl) -> None:
     ids, full = long_seeds
 
     async def scenario() -> tuple[list[GenerateResult], int]:
-        a = actor(tiny_ckpt)
+        a = actor(tiny_ckpt, impl)
         task = asyncio.ensure_future(a.generate(requests(ids, full)))
         await until_running(a)
         version = await a.update_weights(same_weights(a), 1, "continue")
@@ -93,11 +102,11 @@ def test_continue_keeps_decoding_and_later_tokens_carry_the_new_version(tiny_ckp
         assert 3 <= switch < LENGTH and r.versions == [0] * switch + [1] * (LENGTH - switch)
 
 
-def test_wait_finishes_the_batch_before_the_update(tiny_ckpt, long_seeds) -> None:
+def test_wait_finishes_the_batch_before_the_update(tiny_ckpt, long_seeds, impl) -> None:
     ids, full = long_seeds
 
     async def scenario() -> tuple[list[GenerateResult], EmbeddedEngineActor]:
-        a = actor(tiny_ckpt)
+        a = actor(tiny_ckpt, impl)
         task = asyncio.ensure_future(a.generate(requests(ids, full)))
         await until_running(a)
         update = asyncio.ensure_future(a.update_weights(same_weights(a), 1, "wait"))
@@ -109,13 +118,15 @@ def test_wait_finishes_the_batch_before_the_update(tiny_ckpt, long_seeds) -> Non
     assert all(r.versions == [0] * LENGTH for r in results) and a.engine.version == 1
 
 
-def test_resume_aborts_and_the_producer_continues_with_prefix_intact(tiny_ckpt, long_seeds) -> None:
+def test_resume_aborts_and_the_producer_continues_with_prefix_intact(tiny_ckpt, long_seeds, impl) -> None:
     ids, full = long_seeds
     seed = next(iter(full))
-    (reference,) = HFEngine(str(tiny_ckpt)).generate(requests(ids, [seed]))  # alone, as the producer sends it
+    (reference,) = build_engine(str(tiny_ckpt), config(impl), seed=0).generate(
+        requests(ids, [seed])
+    )  # alone, as the producer sends it
 
     async def scenario() -> tuple[Response, list[GenerateResult]]:
-        a = actor(tiny_ckpt)
+        a = actor(tiny_ckpt, impl)
         prompt = Prompt(index=0, token_ids=ids, text="", label=None, metadata={})
         producer = Producer(
             RolloutConfig(prompt_data="-", batch_size=1, num_rollout=1, max_response_len=LENGTH),
@@ -147,13 +158,12 @@ def test_resume_aborts_and_the_producer_continues_with_prefix_intact(tiny_ckpt, 
     assert response.logprobs == pytest.approx(reference.logprobs, abs=1e-5)
 
 
-def test_abort_running_and_waiting_requests(tiny_ckpt, long_seeds) -> None:
+def test_abort_running_and_waiting_requests(tiny_ckpt, long_seeds, impl) -> None:
     ids, full = long_seeds
     running, waiting = list(full)[:2], [1000]
 
     async def scenario() -> tuple[list[GenerateResult], list[GenerateResult]]:
-        a = actor(tiny_ckpt)
-        a.cfg = InferenceConfig(batch_wait_ms=0.0, max_batch_size=2)
+        a = actor(tiny_ckpt, impl, max_batch_size=2)
         first = asyncio.ensure_future(a.generate(requests(ids, running)))
         await until_running(a)
         second = asyncio.ensure_future(a.generate(requests(ids, waiting)))
@@ -170,7 +180,7 @@ def test_abort_running_and_waiting_requests(tiny_ckpt, long_seeds) -> None:
 
 
 @pytest.mark.parametrize("masked", [False, True])
-def test_a_cached_partial_group_resumes_first_with_its_tokens(tiny_ckpt, long_seeds, masked) -> None:
+def test_a_cached_partial_group_resumes_first_with_its_tokens(tiny_ckpt, long_seeds, impl, masked) -> None:
     """A group cut when its batch filled waits in the buffer; the next round resumes it before any new
     prompt, from prompt + its tokens, the cached tokens' log-probs and versions untouched (and masked
     out of the loss when mask_offpolicy_in_partial_rollout is on)."""
@@ -202,7 +212,7 @@ def test_a_cached_partial_group_resumes_first_with_its_tokens(tiny_ckpt, long_se
                 AutoTokenizer.from_pretrained(tiny_ckpt),
                 [other],
                 {},
-                [Local(actor(tiny_ckpt))],
+                [Local(actor(tiny_ckpt, impl))],
                 sink,
                 rewards,
                 num_batches=1,

@@ -193,6 +193,15 @@ class InferenceConfig(Section, kw_only=True):
     health_check_timeout: float = 30.0
     max_server_restarts: int = 3
     sglang: dict[str, Any] = msgspec.field(default_factory=dict)
+    # The embedded engine's implementation and device (docs/config.md): "static" is the static-cache
+    # engine (engine/rollout/static_engine.py); "auto" picks it on CUDA for dense models.
+    engine_impl: Literal["auto", "transformers", "static"] = "auto"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    # Static engine: positions per sequence (prompt + response) in its KV cache, padded tokens per
+    # prefill chunk, decode steps replayed from CUDA graphs.
+    context_length: int = 4096
+    max_prefill_tokens: int = 16384
+    cuda_graph: bool = True
 
     def check(self) -> None:
         from engine.rollout.sglang.config import check_sglang
@@ -202,3 +211,4 @@ class InferenceConfig(Section, kw_only=True):
         self.positive("num_gpus", "num_gpus_per_engine", "server_start_timeout")
         self.positive("health_check_interval", "health_check_timeout")
         check_sglang(self)
+        self.positive("context_length", "max_prefill_tokens")

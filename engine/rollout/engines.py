@@ -3,9 +3,11 @@
 `InferenceEngine` is the whole contract the producer relies on: submit requests, get each result
 when it finishes, abort requests. The embedded engine's actor batches the requests waiting when a
 batch starts (up to inference.max_batch_size), decodes it step by step on one worker thread, and
-hands each request's result back as soon as that request finishes. Weight updates arrive between
-steps, in one of three modes:
-- "wait": the running batch finishes with the old weights; the update applies before the next batch;
+hands each request's result back as soon as that request finishes. With the static-cache engine
+(inference.engine_impl) waiting requests also join the running batch between steps, as slots free up.
+Weight updates arrive between steps, in one of three modes:
+- "wait": the running batch finishes with the old weights (no request joins it meanwhile); the update
+  applies before the next batch;
 - "continue": the update applies at once and the running batch goes on decoding (in-flight update);
   tokens drawn after it carry the new version;
 - "resume": the running batch is aborted (its requests come back with their tokens so far and
@@ -18,7 +20,7 @@ import abc
 import asyncio
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import ray
 import torch
@@ -26,8 +28,12 @@ import torch
 from engine.cluster import gpu_uuid, pin_to_core
 from engine.cuda_ipc import SharedBucket
 from engine.rollout.config import InferenceConfig
-from engine.rollout.hf_engine import DecodeBatch, HFEngine
+from engine.rollout.engine_choice import build_engine
+from engine.rollout.hf_engine import DecodeBatch
 from engine.wire import GenerateRequest, GenerateResult
+
+if TYPE_CHECKING:
+    from engine.rollout.static_engine import SlotBatch
 
 WeightMode = Literal["wait", "continue", "resume"]
 
@@ -93,7 +99,7 @@ def aborted(request: GenerateRequest) -> GenerateResult:
 
 
 class EmbeddedEngineActor:
-    """Ray actor hosting one HFEngine (created with `ray.remote(EmbeddedEngineActor).options(...)`)."""
+    """Ray actor hosting one embedded engine (made with `ray.remote(EmbeddedEngineActor).options(...)`)."""
 
     def __init__(
         self,
@@ -108,17 +114,10 @@ class EmbeddedEngineActor:
         torch.set_num_threads(threads)
         self.cfg = cfg
         self.index = index
-        self.engine = HFEngine(
-            model_path,
-            dtype=cfg.dtype,
-            attn_implementation=cfg.attn_implementation,
-            seed=index,
-            overrides=overrides,
-            device="cuda" if torch.cuda.is_available() else "cpu",
-        )
+        self.engine = build_engine(model_path, cfg, seed=index, overrides=overrides)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"engine{index}")
         self._pending: deque[tuple[GenerateRequest, asyncio.Future]] = deque()
-        self._running: DecodeBatch | None = None
+        self._running: DecodeBatch | SlotBatch | None = None
         self._futures: dict[int, asyncio.Future] = {}
         self._aborts: set[int] = set()
         self._update: tuple[dict[str, torch.Tensor], int, WeightMode, asyncio.Future] | None = None
@@ -269,6 +268,21 @@ class EmbeddedEngineActor:
         finally:
             self.busy_s += loop.time() - start
 
+    async def _join(self, running: SlotBatch) -> None:
+        """Waiting requests join the running batch (static engine), as many as it has free slots."""
+        take = min(len(self._pending), running.free_slots)
+        batch = [self._pending.popleft() for _ in range(take)]
+        self._futures.update({r.rid: f for r, f in batch})
+        try:
+            finished = await self._off_loop(running.join, [r for r, _ in batch])
+        except Exception as e:  # delivered to every joining request, not swallowed
+            for request, future in batch:
+                self._futures.pop(request.rid, None)
+                if not future.done():
+                    future.set_exception(e)
+            return
+        self._deliver(finished)
+
     async def _run(self) -> None:
         assert self._wake is not None
         while True:
@@ -310,6 +324,11 @@ class EmbeddedEngineActor:
                         if not future.done():
                             future.set_exception(e)
                 continue
+            if self._pending and self._update is None and self._running.free_slots > 0:
+                await self._join(self._running)  # type: ignore[arg-type]
+                if self._running.done:
+                    self._running = None
+                continue
             try:
                 finished = await self._off_loop(self._running.step)
             except Exception as e:
@@ -317,6 +336,7 @@ class EmbeddedEngineActor:
                     future = self._futures.pop(rid, None)
                     if future is not None and not future.done():
                         future.set_exception(e)
+                self._running.abort()  # its rows are released (the static engine's slots too)
                 self._running = None
                 continue
             self._deliver(finished)

@@ -159,6 +159,9 @@ class DecodeBatch:
     def done(self) -> bool:
         return all(self.reported)
 
+    # A DecodeBatch takes no requests once started (the static engine's SlotBatch does).
+    free_slots = 0
+
     def _collect(self) -> list[GenerateResult]:
         out = []
         for i, r in enumerate(self.requests):

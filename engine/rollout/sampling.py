@@ -53,14 +53,23 @@ def sample_next(
     top_p: torch.Tensor,
     top_k: torch.Tensor,
     uniforms: torch.Tensor,
+    *,
+    truncate: bool | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Draw one token per row. logits [B, V]; temperature/top_p [B] float; top_k [B] long (-1 off);
-    uniforms [B] in (0, 1). Returns (tokens [B] long, logprobs [B] float32)."""
+    uniforms [B] in (0, 1). Returns (tokens [B] long, logprobs [B] float32).
+
+    truncate: None looks at top_k/top_p to decide whether any row truncates (a device-to-host read);
+    True/False says so up front, which keeps the whole draw on the device (CUDA-graph safe)."""
     logits = logits.float()
     greedy = temperature <= 0
     scale = torch.where(greedy, torch.ones_like(temperature), temperature)
     logprobs = torch.log_softmax(logits / scale[:, None], dim=-1)
-    probs = torch.softmax(filter_logits(logprobs, top_p, top_k), dim=-1).double()
+    if truncate is None:
+        kept = filter_logits(logprobs, top_p, top_k)
+    else:
+        kept = truncate_scores(logprobs, top_p, top_k) if truncate else logprobs
+    probs = torch.softmax(kept, dim=-1).double()
     cdf = probs.cumsum(dim=-1)
     target = (uniforms.to(cdf.device, torch.float64) * cdf[:, -1]).unsqueeze(-1)
     drawn = torch.searchsorted(cdf, target).squeeze(-1).clamp(max=logits.shape[-1] - 1)
@@ -71,10 +80,16 @@ def sample_next(
 def filter_logits(scores: torch.Tensor, top_p: torch.Tensor, top_k: torch.Tensor) -> torch.Tensor:
     """Set scores outside each row's top-k / nucleus (top-p) to -inf; the best token always survives."""
     vocab = scores.shape[-1]
+    if not bool(((top_k > 0) & (top_k < vocab)).any() or (top_p < 1.0).any()):
+        return scores
+    return truncate_scores(scores, top_p, top_k)
+
+
+def truncate_scores(scores: torch.Tensor, top_p: torch.Tensor, top_k: torch.Tensor) -> torch.Tensor:
+    """filter_logits without looking at the values first: rows that neither truncate keep every score."""
+    vocab = scores.shape[-1]
     use_k = (top_k > 0) & (top_k < vocab)
     use_p = top_p < 1.0
-    if not bool(use_k.any() or use_p.any()):
-        return scores
     sorted_scores, order = scores.sort(dim=-1, descending=True)
     ranks = torch.arange(vocab, device=scores.device).expand_as(sorted_scores)
     drop = use_k[:, None] & (ranks >= top_k.clamp(min=1)[:, None])
