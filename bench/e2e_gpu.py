@@ -81,14 +81,13 @@ def make_model(shape: str, root: Path) -> Path:
 
 
 def run(mode: str, model: Path, out: Path, args: argparse.Namespace, sampler: GpuSampler) -> dict[str, Any]:
-    micro = f"perf.max_tokens_per_gpu={args.micro_tokens}"
     cmd = [
         sys.executable, "-m", "engine.launch", str(ROOT / "configs" / "quickstart.toml"),
         f"output_dir={out}", f"run_name={mode}", f"ckpt.hf_checkpoint={model}",
         f"rollout.num_rollout={args.steps}", f"rollout.max_response_len={args.response_len}",
         "rollout.batch_size=32", "rollout.n_samples_per_prompt=8",
         "model.params_dtype=bfloat16", "inference.dtype=bfloat16", "inference.max_batch_size=256",
-        "perf.use_dynamic_batch_size=true", micro,
+        f"perf.micro_batch_size={args.micro_batch}", f"inference.context_length={args.context_length}",
         "optimizer.lr=1e-6", "optimizer.min_lr=1e-7", "optimizer.lr_warmup_iters=0",
         "eval.datasets={}", "eval.interval=0", "--no-progress", *MODES[mode], *args.extra,
     ]  # fmt: skip
@@ -130,7 +129,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--skip", type=int, default=2, help="warm-up steps left out of the figures")
     parser.add_argument("--response-len", type=int, default=256)
-    parser.add_argument("--micro-tokens", type=int, default=16384)
+    parser.add_argument("--micro-batch", type=int, default=64, help="perf.micro_batch_size")
+    parser.add_argument("--context-length", type=int, default=512, help="inference.context_length")
     parser.add_argument("--extra", nargs="*", default=[], help="more config overrides for every mode")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
