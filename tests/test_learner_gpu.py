@@ -42,10 +42,10 @@ def run(g: LearnerGroup, samples, steps: int) -> tuple[list[dict], dict[str, tor
         g.shutdown()
 
 
-def close(a: float, b: float, rel: float, floor: float = 1e-5) -> bool:
-    """Equal within rel, relative to the larger of the two; values under floor count as zero (GRPO's
-    first-step loss is the mean advantage, zero up to rounding)."""
-    return abs(a - b) <= rel * max(abs(a), abs(b), floor)
+def close(a: float, b: float, rel: float, floor: float = 1e-6) -> bool:
+    """Equal within rel of the larger of the two, plus floor for values that are zero up to rounding
+    (GRPO's first-step loss is the mean advantage)."""
+    return abs(a - b) <= rel * max(abs(a), abs(b)) + floor
 
 
 def test_fp32_cuda_steps_equal_the_cpu_learner(ray_local, tiny_ckpt) -> None:

@@ -6,7 +6,8 @@ data-parallel ranks, QK-norm gradients summed over tensor-parallel ranks and tie
 stages (Megatron's finalize_model_grads), clipped to clip_grad by the norm over the whole model, then one
 Adam/SGD update. The difference is where the numbers live: the model holds bf16 (or fp32) weights, the
 gradients accumulate into fp32 buffers (Megatron's DistributedDataParallel), and fp32 master weights and
-Adam moments are sharded over data-parallel ranks (ZeRO-1, Megatron's DistributedOptimizer).
+Adam moments are sharded over data-parallel ranks (ZeRO-1, Megatron's DistributedOptimizer). Megatron
+shards Adam only: SGD keeps whole fp32 master weights on every rank (its mixed-precision optimizer).
 
 Megatron's optimizer wrapper needs CUDA, so the CPU learner uses torch's optimizers instead.
 """
@@ -34,10 +35,13 @@ class MegatronModelOptimizer(ModelOptimizer):
         # over data-parallel ranks, not average them (its per-token-loss mode scales by 1).
         config.calculate_per_token_loss = True
         dtype = config.params_dtype
+        self.distributed = cfg.optimizer == "adam"  # Megatron's distributed optimizer supports Adam only
         self.ddp = DistributedDataParallel(
             config=config,
             ddp_config=DistributedDataParallelConfig(
-                grad_reduce_in_fp32=True, overlap_grad_reduce=False, use_distributed_optimizer=True
+                grad_reduce_in_fp32=True,
+                overlap_grad_reduce=False,
+                use_distributed_optimizer=self.distributed,
             ),
             module=model,
         )
@@ -54,10 +58,12 @@ class MegatronModelOptimizer(ModelOptimizer):
                 clip_grad=cfg.clip_grad,
                 bf16=dtype == torch.bfloat16,
                 params_dtype=dtype,
-                use_distributed_optimizer=True,
+                use_distributed_optimizer=self.distributed,
             ),
             [self.ddp],
         )
+        # One optimizer per parameter dtype group, possibly behind a ChainedOptimizer.
+        self.parts = list(getattr(self.inner, "chained_optimizers", [self.inner]))
 
     @property
     def param_groups(self) -> list[dict[str, Any]]:
@@ -91,12 +97,20 @@ class MegatronModelOptimizer(ModelOptimizer):
         self.inner.restore_from_cpu()
 
     def state_dict(self) -> dict[str, Any]:
-        """This rank's part: the optimizer's settings and its shard of master weights and moments."""
-        return {
-            "optimizer": self.inner.state_dict(),
-            "shard": self.inner.get_parameter_state_dp_reshardable(),
-        }
+        """This rank's part: each optimizer's settings and (distributed) its shard of master weights and
+        moments, which Megatron keeps out of state_dict."""
+        parts = []
+        for part in self.parts:
+            shard = part.get_parameter_state_dp_reshardable() if self.distributed else None
+            parts.append({"optimizer": part.state_dict(), "shard": shard})
+        return {"parts": parts}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.inner.load_state_dict(state["optimizer"])
-        self.inner.load_parameter_state_from_dp_reshardable(state["shard"])
+        if len(state["parts"]) != len(self.parts):
+            raise ValueError(
+                f"optimizer state of {len(state['parts'])} parts, this optimizer has {len(self.parts)}"
+            )
+        for part, saved in zip(self.parts, state["parts"], strict=True):
+            part.load_state_dict(saved["optimizer"])
+            if saved["shard"] is not None:
+                part.load_parameter_state_from_dp_reshardable(saved["shard"])
