@@ -56,14 +56,15 @@ def test_an_engine_on_the_learners_gpu_receives_its_weights_by_cuda_ipc(ray_loca
 
     from engine.cluster import actor_options, gpus_per_actor
     from engine.cuda_ipc import SharedBucket
-    from engine.learner.config import ModelConfig
+    from engine.learner.config import ModelConfig, OptimizerConfig
     from engine.learner.group import LearnerGroup
     from engine.rollout.config import InferenceConfig
     from engine.rollout.engines import EmbeddedEngineActor
     from tests.helpers import learner_spec
     from tests.test_learner import rollout
 
-    spec = msgspec.structs.replace(learner_spec(tiny_ckpt), model=ModelConfig(params_dtype="bfloat16"))
+    spec = learner_spec(tiny_ckpt, optimizer=OptimizerConfig(lr=1e-3))
+    spec = msgspec.structs.replace(spec, model=ModelConfig(params_dtype="bfloat16"))
     learner = LearnerGroup(1, spec, gpu_share=0.5)
     engine = (
         ray.remote(EmbeddedEngineActor)

@@ -22,6 +22,18 @@ from engine.learner.config import OptimizerConfig
 from engine.learner.optim import ModelOptimizer
 
 
+def unpadded(shard: dict[Any, Any]) -> dict[Any, Any]:
+    """A shard from get_parameter_state_dp_reshardable as its loader reads it: Megatron's loader expects
+    every parameter entry to say whether it is padding, which only its sharded-checkpoint path adds."""
+    for key, by_dtype in shard.items():
+        if isinstance(key, int):
+            for buckets in by_dtype.values():
+                for bucket in buckets:
+                    for entry in bucket:
+                        entry.setdefault("padding", False)
+    return shard
+
+
 class MegatronModelOptimizer(ModelOptimizer):
     """DistributedDataParallel + DistributedOptimizer over one model (actor or critic)."""
 
@@ -113,4 +125,4 @@ class MegatronModelOptimizer(ModelOptimizer):
         for part, saved in zip(self.parts, state["parts"], strict=True):
             part.load_state_dict(saved["optimizer"])
             if saved["shard"] is not None:
-                part.load_parameter_state_from_dp_reshardable(saved["shard"])
+                part.load_parameter_state_from_dp_reshardable(unpadded(saved["shard"]))

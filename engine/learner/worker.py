@@ -153,9 +153,10 @@ class LearnerWorker:
                 model, load_hf_state(weights_from), self.shape, self.tp_rank, self.tp, self.ep_rank, **stage
             )
         if self.device.type == "cuda":
-            # Every parameter in the training dtype, as Megatron's Float16Module: the local spec makes its
-            # RMSNorm weights float32, which keeps bf16 activations off torch's fused norm kernel.
-            model = model.to(dtype=dtype)
+            # Every parameter on the GPU and in the training dtype, as Megatron's Float16Module: the local
+            # spec makes its RMSNorm weights on the CPU in float32 (torch.nn.RMSNorm ignores Megatron's
+            # device settings), which would also keep bf16 activations off torch's fused norm kernel.
+            model = model.to(device=self.device, dtype=dtype)
         if self.perf.torch_compile:
             for layer in model.decoder.layers:
                 layer.compile()
