@@ -61,8 +61,12 @@ class RolloutConfig(Section, kw_only=True):
     partial_rollout: bool = False
     mask_offpolicy_in_partial_rollout: bool = False
     buffer_filter_path: str | None = None
+    # Producer (or buffer) actor failures survived: each restarts the producer from the last version
+    # boundary (docs/reliability.md); 0 ends the run at the first.
+    max_producer_restarts: int = 3
 
     def check(self) -> None:
+        self.non_negative("max_producer_restarts")
         self.positive("batch_size", "n_samples_per_prompt", "global_batch_size", "num_steps_per_rollout")
         self.positive("num_rollout", "num_epoch", "max_response_len", "reward_workers", "max_concurrency")
         self.non_negative("max_staleness")
@@ -182,7 +186,13 @@ class InferenceConfig(Section, kw_only=True):
     attn_implementation: Literal["sdpa", "eager"] = "sdpa"
     # The weight push travels in buckets of at most this many bytes (a larger tensor travels alone).
     update_weight_buffer_size: int = 512 * 2**20
+    # An engine process that dies is restarted (by Ray) up to this many times, given the current weights
+    # and its requests again; one with requests in flight and no progress for stall_timeout_s is killed
+    # and restarted the same way.
+    max_restarts: int = 3
+    stall_timeout_s: float = 300.0
 
     def check(self) -> None:
-        self.positive("num_engines", "max_batch_size", "update_weight_buffer_size")
+        self.non_negative("max_restarts")
+        self.positive("num_engines", "max_batch_size", "update_weight_buffer_size", "stall_timeout_s")
         self.non_negative("batch_wait_ms")

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import abc
 import asyncio
+import os
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Literal
@@ -123,6 +124,8 @@ class EmbeddedEngineActor:
         self._wake: asyncio.Event | None = None
         self._runner: asyncio.Task | None = None
         self.busy_s = 0.0
+        self.beats = 0  # decode steps, batch starts and updates done: progress seen by a watchdog
+        self._loaded: int | None = None  # the version of the last update applied
 
     def _start(self) -> None:
         if self._runner is None:
@@ -170,6 +173,21 @@ class EmbeddedEngineActor:
         self._aborts.update(rids)
         wake.set()
 
+    async def abort_all(self) -> None:
+        """Abort every waiting and running request (their callers are gone: a producer restarted)."""
+        wake = self._check_running()
+        self._aborts.update(r.rid for r, _ in self._pending)
+        if self._running is not None:
+            self._aborts.update(r.rid for r in self._running.requests)
+        wake.set()
+
+    async def heartbeat(self) -> int:
+        """A count that grows while the engine makes progress (answered between decode steps)."""
+        return self.beats
+
+    async def pid(self) -> int:
+        return os.getpid()
+
     async def update_weights(
         self, named: dict[str, torch.Tensor] | list[Any], version: int, mode: WeightMode = "wait"
     ) -> int:
@@ -177,15 +195,20 @@ class EmbeddedEngineActor:
 
         `named` is the HF-named tensors, or their buckets (ObjectRefs of dicts, in order): buckets are
         fetched one at a time and the update applies only once the last one is here, so decoding never
-        sees a mix of two versions."""
+        sees a mix of two versions. An update to the version last applied is a no-op (a restarted
+        engine may be given its weights both by a retried push and by the producer's recovery)."""
         wake = self._check_running()
-        if self._update is not None:
-            raise RuntimeError(f"engine {self.index}: a weight update is already in progress")
+        if self._loaded == version:
+            return self.engine.version
         if isinstance(named, list):
             staged: dict[str, torch.Tensor] = {}
             for bucket in named:
                 staged.update(await bucket if isinstance(bucket, ray.ObjectRef) else bucket)
             named = staged
+        while self._update is not None:  # the same update from another caller: wait for it first
+            await asyncio.shield(self._update[3])
+            if self._loaded == version:
+                return self.engine.version
         future = asyncio.get_running_loop().create_future()
         self._update = (named, version, mode, future)
         wake.set()
@@ -238,6 +261,8 @@ class EmbeddedEngineActor:
                 except Exception as e:  # a refused update goes back to its caller; decoding goes on
                     future.set_exception(e)
                 else:
+                    self._loaded = version
+                    self.beats += 1
                     future.set_result(version)
                 self._update = None
                 continue
@@ -252,6 +277,7 @@ class EmbeddedEngineActor:
                 batch = [self._pending.popleft() for _ in range(take)]
                 requests = [r for r, _ in batch]
                 self._futures.update({r.rid: f for r, f in batch})
+                self.beats += 1
                 try:
                     self._running = await self._off_loop(self.engine.start, requests)
                 except Exception as e:  # delivered to every request of the batch, not swallowed
@@ -269,6 +295,7 @@ class EmbeddedEngineActor:
                         future.set_exception(e)
                 self._running = None
                 continue
+            self.beats += 1
             self._deliver(finished)
             if self._running.done:
                 self._running = None
