@@ -21,6 +21,7 @@ from zmq.auth.thread import ThreadAuthenticator
 from engine.errors import ConfigError
 
 log = logging.getLogger(__name__)
+ZAP_DOMAIN = "engine.samples"
 
 
 @dataclass(frozen=True)
@@ -88,11 +89,11 @@ def secure_server(ctx: zmq.Context, sock: zmq.Socket, keys: ServerKeys) -> Threa
     the running authenticator, which the caller stops when it closes the socket."""
     auth = ThreadAuthenticator(ctx, log=log)
     auth.start()
-    auth.configure_curve(domain="*", location=keys.authorized_dir)
+    auth.configure_curve(domain=ZAP_DOMAIN, location=keys.authorized_dir)
     sock.setsockopt(zmq.CURVE_SERVER, 1)
     sock.setsockopt(zmq.CURVE_PUBLICKEY, keys.public)
     sock.setsockopt(zmq.CURVE_SECRETKEY, keys.secret)
-    sock.setsockopt(zmq.ZAP_DOMAIN, b"engine")
+    sock.setsockopt(zmq.ZAP_DOMAIN, ZAP_DOMAIN.encode())
     return auth
 
 

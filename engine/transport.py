@@ -158,7 +158,7 @@ def wire_reason(frames: list[Any]) -> str:
     """Why a message failed to decode, for the rejection counters (called on the error path only)."""
     try:
         values = [msgspec.msgpack.decode(f) for f in frames]
-    except (msgspec.DecodeError, msgspec.ValidationError):
+    except (msgspec.DecodeError, ValueError):  # ValueError: a str that is not UTF-8
         return "undecodable"
     for value in values:
         if not isinstance(value, dict) or value.get("type") is None:
@@ -185,6 +185,11 @@ class ZmqSampleSource(SampleSource):
         self.address = self._sock.getsockopt_string(zmq.LAST_ENDPOINT)
         self._poller = zmq.Poller()
         self._poller.register(self._sock, zmq.POLLIN)
+
+    def monitor(self) -> zmq.Socket:
+        """A PAIR socket receiving this socket's connection events (zmq.utils.monitor), e.g. failed
+        CURVE handshakes."""
+        return self._sock.get_monitor_socket()
 
     def recv(self, timeout_ms: int) -> list[Sample] | None:
         try:  # a message is usually waiting: take it without a poll

@@ -179,8 +179,9 @@ def decode_samples(frames: list[bytes] | list[memoryview]) -> list[Sample]:
     runs this for every message, so it avoids per-sample call overhead."""
     try:
         samples = list(map(_decoder.decode, frames))
-    except (msgspec.DecodeError, msgspec.ValidationError) as e:
-        raise WireError(f"not a valid sample: {e}", reason="undecodable") from None
+    except (msgspec.DecodeError, msgspec.ValidationError, ValueError) as e:
+        # ValueError: msgspec raises UnicodeDecodeError for a str that is not UTF-8
+        raise WireError(f"not a valid sample: {e!r}", reason="undecodable") from None
     for sample in samples:
         sample.validate()
     return samples

@@ -216,7 +216,8 @@ class EmbeddedEngineActor:
         return self.engine.version
 
     async def stats(self) -> dict[str, float]:
-        return {"version": self.engine.version, "busy_s": self.busy_s}
+        in_flight = len(self._pending) + len(self._futures)
+        return {"version": self.engine.version, "busy_s": self.busy_s, "in_flight": in_flight}
 
     def _deliver(self, results: list[GenerateResult]) -> None:
         for result in results:
