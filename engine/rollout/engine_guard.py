@@ -10,7 +10,7 @@ The engine actor is created with Ray's `max_restarts` (inference.max_restarts). 
   inference.stall_timeout_s is killed, and then restarted and resubmitted to as above;
 - every restart and stall is logged and counted (engine_restarts, engine_stalls,
   engine_calls_resubmitted, engine_requests_resubmitted); an engine that fails more than max_restarts
-  times, or does not come back within stall_timeout_s, ends the run with an error naming it.
+  times, or does not come back within RESTART_WAIT_S, ends the run with an error naming it.
 """
 
 from __future__ import annotations
@@ -29,6 +29,8 @@ from engine.rollout.engines import InferenceEngine, RayEngineClient, aborted
 from engine.wire import GenerateRequest, GenerateResult
 
 log = logging.getLogger(__name__)
+
+RESTART_WAIT_S = 600.0  # how long a restarted engine may take to answer (process start, model load)
 
 # () -> (version, weight buckets or None): the last push the producer was given
 WeightSource = Callable[[], tuple[int, list[Any] | None]]
@@ -112,13 +114,13 @@ class EngineGuard(InferenceEngine):
             t0 = time.monotonic()
             while True:
                 try:
-                    await asyncio.wait_for(_awaitable(self.actor.ready.remote()), self._stall_timeout)
+                    await asyncio.wait_for(_awaitable(self.actor.ready.remote()), RESTART_WAIT_S)
                     break
                 except (RayActorError, TimeoutError) as e:
-                    if time.monotonic() - t0 > self._stall_timeout:
+                    if time.monotonic() - t0 > RESTART_WAIT_S:
                         raise RuntimeError(
-                            f"engine {self.index} did not come back within inference.stall_timeout_s = "
-                            f"{self._stall_timeout} after failing with {error!r}"
+                            f"engine {self.index} did not come back within {RESTART_WAIT_S:g} s after "
+                            f"failing with {error!r}"
                         ) from e
                     await asyncio.sleep(0.2)
             version, weights = self._weights()
@@ -155,7 +157,7 @@ class EngineGuard(InferenceEngine):
             except RayActorError:
                 return  # it died: the calls in flight fail and recover
             now = loop.time()
-            if beat != last:
+            if beat != last or self._lock.locked():  # progress, or a restart under way (not a stall)
                 last, since = beat, now
             elif now - since > self._stall_timeout:
                 self.counts["engine_stalls"] += 1
