@@ -42,7 +42,8 @@ class Run:
             "cluster.torch_threads=1",
             *overrides,
         ]
-        config, prompts, eval_sets, num_rollout, start = prepare(str(ROOT / "configs" / "quickstart.toml"), args)
+        quickstart = str(ROOT / "configs" / "quickstart.toml")
+        config, prompts, eval_sets, num_rollout, start = prepare(quickstart, args)
         self.dir = tmp_path / "run"
         self.dir.mkdir(parents=True)
         self.logger = MetricsLogger(self.dir, num_rollout, progress=False)
@@ -118,9 +119,8 @@ def test_killed_and_stuck_engine_and_killed_producer_lose_nothing(tmp_path: Path
     stalled = next(r for r in rows if r.get("producer/engine_stalls"))
     assert stalled["producer/engine_restarts"] == 2 and stalled["producer/engine_requests_resubmitted"] >= 1
     assert rows[-1]["restarts/producer"] == 1
-    prompts = [
-        p for line in (run.dir / "prompt_ledger.jsonl").read_text().splitlines() for p in json.loads(line)["prompt_index"]
-    ]
+    lines = (run.dir / "prompt_ledger.jsonl").read_text().splitlines()
+    prompts = [p for line in lines for p in json.loads(line)["prompt_index"]]
     assert len(prompts) == STEPS * GROUPS and len(set(prompts)) == len(prompts)  # each trained exactly once
     ledger = json.loads((run.dir / "ledger.json").read_text())
     p, b = ledger["producer"], ledger["buffer"]
