@@ -295,7 +295,12 @@ class Trainer:
                 prompt_ledger.write(json.dumps({"step": step, "prompt_index": prompts}) + "\n")
                 prompt_ledger.flush()
                 t1 = time.perf_counter()
-                train_steps = self.learner.train(samples_ref, c.rollout.num_steps_per_rollout)
+                try:
+                    train_steps = self.learner.train(samples_ref, c.rollout.num_steps_per_rollout)
+                except RayActorError as e:  # a learner rank died: its state is gone, the run ends
+                    raise RuntimeError(
+                        f"step {step}: a learner rank failed ({e!r}); {self._resume_hint()}"
+                    ) from e
                 t2 = time.perf_counter()
                 self.push_weights(step)
                 if self._restart_due is not None:
@@ -326,6 +331,13 @@ class Trainer:
                 self.logger.log(step, metrics)
         self._settle_push()
         self.write_ledger(ray.get(self._producer_run))
+
+    def _resume_hint(self) -> str:
+        save = self.cfg.ckpt.save
+        latest = Path(save) / "latest" if save else None
+        if latest is None or not latest.exists():
+            return "no checkpoint was saved to resume from (set ckpt.save and ckpt.save_interval)"
+        return f"resume with ckpt.load={save} (latest complete iteration: {latest.read_text().strip()})"
 
     def _producer_stats(self, ref: Any) -> dict[str, float]:
         """The producer's metrics for this step; none if it died meanwhile (its restart follows when the
