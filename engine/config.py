@@ -22,8 +22,20 @@ from engine.errors import ConfigError
 from engine.learner.config import AlgoConfig, CkptConfig, ModelConfig, OptimizerConfig, PerfConfig
 from engine.rollout.config import EvalConfig, InferenceConfig, RolloutConfig
 from engine.rollout.sglang.config import check_sglang
+from engine.transport import TransportConfig
 
-SECTIONS = ("model", "ckpt", "rollout", "eval", "perf", "algo", "optimizer", "inference", "cluster")
+SECTIONS = (
+    "model",
+    "ckpt",
+    "rollout",
+    "eval",
+    "perf",
+    "algo",
+    "optimizer",
+    "inference",
+    "cluster",
+    "transport",
+)
 
 
 class Config(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -42,6 +54,7 @@ class Config(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     optimizer: OptimizerConfig = msgspec.field(default_factory=OptimizerConfig)
     inference: InferenceConfig = msgspec.field(default_factory=InferenceConfig)
     cluster: ClusterConfig = msgspec.field(default_factory=ClusterConfig)
+    transport: TransportConfig = msgspec.field(default_factory=TransportConfig)
 
     def check(self) -> None:
         for name in SECTIONS:

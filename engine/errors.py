@@ -60,4 +60,9 @@ class DataError(EngineError):
 
 
 class WireError(EngineError):
-    """A message on a sample socket that is not a valid sample."""
+    """A message on a sample socket that is not a valid sample; `reason` is the counter it goes under
+    (undecodable, wrong_schema, wrong_version, too_large, invalid_sample, non_finite)."""
+
+    def __init__(self, message: str, *, reason: str = "invalid_sample") -> None:
+        self.reason = reason
+        super().__init__(message)

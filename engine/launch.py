@@ -77,6 +77,7 @@ def prepare(config_path: str, overrides: list[str]) -> tuple[Config, list, dict,
     from engine.learner.hf_bridge import layers_per_stage, shape_of
     from engine.learner.hf_moe import check_trainable
     from engine.learner.worker import check_device
+    from engine.preflight import preflight
     from engine.rollout.data import load_datasets
     from engine.rollout.rewards import resolve_reward
 
@@ -92,6 +93,7 @@ def prepare(config_path: str, overrides: list[str]) -> tuple[Config, list, dict,
     resolve_reward(config.rollout.rm_type, config.rollout.custom_rm_path)
     if config.algo.custom_loss_function_path:
         check_callable(config.algo.custom_loss_function_path, "algo", "custom_loss_function_path")
+    preflight(config)  # import paths, rm_url and the sample stream's keys, checked and logged
     try:
         tokenizer = AutoTokenizer.from_pretrained(config.ckpt.hf_checkpoint)
     except (OSError, ValueError) as e:

@@ -3,7 +3,8 @@ generation contract between the producer and any inference engine.
 
 Guarantee: a Sample encodes to msgpack with token ids, log-probs, versions and loss mask as raw
 little-endian buffers (not lists of Python numbers), and decodes back bit for bit; a message that is not
-a well-formed Sample of this schema version fails to decode with a WireError.
+a well-formed Sample of this schema version, or one whose reward or log-probs are not finite, fails to
+decode with a WireError naming the sample.
 """
 
 from __future__ import annotations
@@ -124,7 +125,17 @@ class Sample(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, tag="samp
             or not 0 <= self.index < self.group_size
             or not math.isfinite(self.reward)
         ):
-            raise WireError(self._problem())
+            problem = self._problem()
+            raise WireError(problem, reason="non_finite" if "finite" in problem else "invalid_sample")
+        logprobs = self.logprob_array
+        bad = ~np.isfinite(logprobs)
+        if bad.any():
+            i = int(np.flatnonzero(bad)[0])
+            raise WireError(
+                f"sample {self.group_id}/{self.index} (prompt {self.prompt_index}): rollout_logprobs[{i}] "
+                f"is {float(logprobs[i])}, not finite",
+                reason="non_finite",
+            )
 
     def _problem(self) -> str:
         where = f"sample {self.group_id}/{self.index}"
@@ -140,7 +151,7 @@ class Sample(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, tag="samp
                 return f"{where}: {name} has {size / width:g} entries, response has {n}"
         if not 0 <= self.index < self.group_size:
             return f"{where}: index outside group of {self.group_size}"
-        return f"{where}: reward {self.reward} is not finite"
+        return f"{where} (prompt {self.prompt_index}): reward {self.reward} is not finite"
 
 
 _encoder = msgspec.msgpack.Encoder()
@@ -168,8 +179,9 @@ def decode_samples(frames: list[bytes] | list[memoryview]) -> list[Sample]:
     runs this for every message, so it avoids per-sample call overhead."""
     try:
         samples = list(map(_decoder.decode, frames))
-    except (msgspec.DecodeError, msgspec.ValidationError) as e:
-        raise WireError(f"not a valid sample: {e}") from None
+    except (msgspec.DecodeError, msgspec.ValidationError, ValueError) as e:
+        # ValueError: msgspec raises UnicodeDecodeError for a str that is not UTF-8
+        raise WireError(f"not a valid sample: {e!r}", reason="undecodable") from None
     for sample in samples:
         sample.validate()
     return samples

@@ -1,16 +1,22 @@
 """The buffer actor: a ZeroMQ PULL socket feeding the group assembler, and global batches on request.
 
-A receiver thread decodes every frame; invalid frames are counted by reason and logged, never passed
-on, and never stop the receiver. Each group goes to the batch the producer assigned it (or to the
-partial-rollout cache); `get_batch(b)` blocks until batch b is full and returns it with its rollout and
-staleness statistics and its groups' prompt indices (`prompt_indices`, in group order). Partial groups
-of a checkpoint come back through `restore_partials`, ahead of any cached in this run.
+A receiver thread decodes every frame; invalid messages are counted by reason and logged (the first
+ones, then a summary at most every 10 s), never passed on, and never stop the receiver. While the
+samples it holds exceed [transport] max_buffered_bytes the receiver stops reading (ZeroMQ's high-water
+marks then hold the producer back), unless a caller waits for samples that have not arrived: memory
+stays bounded and no accepted sample is dropped. Each group goes to the batch the producer assigned it
+(or to the partial-rollout cache); `get_batch(b)` blocks until batch b is full and returns it with its
+rollout and staleness statistics and its groups' prompt indices and ids (in group order). Partial groups
+of a checkpoint come back through `restore_partials`, ahead of any cached in this run. `rewind` takes
+the buffer back to a version boundary for a restarted producer (on a fresh socket, so nothing the dead
+producer still had in flight can arrive).
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import struct
 import threading
 import time
@@ -21,8 +27,11 @@ import numpy as np
 
 from engine.buffer.groups import BatchBuffer
 from engine.errors import WireError
-from engine.transport import ZmqSampleSource
+from engine.ratelog import RateLimitedLog
+from engine.transport import TransportConfig, ZmqSampleSource
 from engine.wire import Sample
+
+RECV_POLL_MS = 100
 
 log = logging.getLogger(__name__)
 
@@ -83,24 +92,48 @@ class BufferActor:
     """Ray actor (threaded: create with max_concurrency >= 3 so calls answer while get_batch waits)."""
 
     def __init__(
-        self, batch_size: int, buffer_filter_path: str | None = None, host: str = "127.0.0.1"
+        self,
+        batch_size: int,
+        buffer_filter_path: str | None = None,
+        transport: TransportConfig | None = None,
     ) -> None:
         from engine.rollout.rewards import load_object
 
         self._select = load_object(buffer_filter_path) if buffer_filter_path else None
-        self._source = ZmqSampleSource(host)
+        self._transport = transport or TransportConfig()
         self._buffer = BatchBuffer(batch_size)
         self._cond = threading.Condition()
-        self._stop = threading.Event()
-        self.invalid: Counter[str] = Counter()
+        self._rejections = RateLimitedLog(log, "buffer: rejected a message")
         self.received = 0
         self.batches = 0
+        self.pauses = 0  # times the receiver stopped reading at max_buffered_bytes
+        self.max_held_bytes = 0
+        self.discarded = 0  # samples forgotten by rewinds (their groups are generated again)
+        self._waiters = 0  # callers waiting for samples not arrived yet
         self._failure: BaseException | None = None
+        self._start_receiver()
+
+    def _start_receiver(self) -> None:
+        self._source = ZmqSampleSource(self._transport)
+        self._stop = threading.Event()
         self._thread = threading.Thread(target=self._receive, name="buffer-recv", daemon=True)
         self._thread.start()
 
+    def _stop_receiver(self) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._source.close()
+
+    @property
+    def invalid(self) -> Counter[str]:
+        """Invalid messages by reason."""
+        return self._rejections.counts
+
     def address(self) -> str:
         return self._source.address
+
+    def pid(self) -> int:
+        return os.getpid()
 
     def _receive(self) -> None:
         try:
@@ -111,15 +144,25 @@ class BufferActor:
                 self._cond.notify_all()
             raise
 
+    def _full(self) -> bool:
+        """Hold off reading: over max_buffered_bytes and nobody waits for samples still to come."""
+        return self._buffer.held_bytes > self._transport.max_buffered_bytes and not self._waiters
+
     def _receive_loop(self) -> None:
-        while not self._stop.is_set():
+        stop, source = self._stop, self._source
+        while not stop.is_set():
+            with self._cond:
+                if self._full():
+                    self.pauses += 1
+                    while self._full() and not stop.is_set():
+                        self._cond.wait(timeout=RECV_POLL_MS / 1000)
             try:
-                samples = self._source.recv(timeout_ms=100)
+                samples = source.recv(timeout_ms=RECV_POLL_MS)
             except WireError as e:
-                self.invalid["undecodable"] += 1
-                log.warning("buffer: rejected a message: %s", e)
+                self._rejections.event(e.reason, str(e))
                 continue
             if samples is None:
+                self._rejections.flush()
                 continue
             with self._cond:
                 for sample in samples:
@@ -129,6 +172,7 @@ class BufferActor:
                         log.warning(
                             "buffer: rejected sample %d/%d: %s", sample.group_id, sample.index, reason
                         )
+                self.max_held_bytes = max(self.max_held_bytes, self._buffer.held_bytes)
                 self._cond.notify_all()
 
     def _wait(self, ready: Any, timeout_s: float | None, what: str) -> None:
@@ -139,7 +183,12 @@ class BufferActor:
             remaining = None if deadline is None else deadline - time.monotonic()
             if remaining is not None and remaining <= 0:
                 raise TimeoutError(f"buffer: {what} not ready after {timeout_s}s")
-            self._cond.wait(timeout=remaining)
+            self._waiters += 1
+            try:
+                self._cond.notify_all()  # a receiver held off by max_buffered_bytes reads again
+                self._cond.wait(timeout=remaining)
+            finally:
+                self._waiters -= 1
 
     def get_batch(self, batch: int, timeout_s: float | None = None) -> tuple[list[Sample], dict[str, Any]]:
         """Batch `batch` (trained at policy version `batch`) once full, with its statistics."""
@@ -147,18 +196,45 @@ class BufferActor:
             self._wait(lambda: self._buffer.ready(batch), timeout_s, f"batch {batch}")
             samples = self._buffer.pop(batch)
             self.batches += 1
-        prompts = [x.prompt_index for x in samples if x.index == 0]
+            self._cond.notify_all()
+        firsts = [x for x in samples if x.index == 0]
         return samples, {
             **rollout_stats(samples),
             **staleness_stats(samples, batch),
-            "prompt_indices": prompts,
+            "prompt_indices": [x.prompt_index for x in firsts],
+            "group_ids": [x.group_id for x in firsts],
         }
 
     def restore_partials(self, groups: list[list[Sample]]) -> None:
         """Put a checkpoint's cached partial groups back (before the producer starts taking them)."""
         with self._cond:
-            self._buffer.partials[:0] = groups
+            self._buffer.restore_partials(groups)
             self._cond.notify_all()
+
+    def rewind(self, version: int, partials: list[list[Sample]]) -> dict[str, Any] | None:
+        """Back to the boundary where the learner holds `version` (batches below it handed out), for a
+        producer restarted from that boundary: everything not handed out is forgotten, `partials` become
+        the cache, and the receiver moves to a fresh socket. Returns the new address, the highest group
+        id seen and the count of forgotten samples; None (nothing changed) if batch `version` was
+        already handed out, so the boundary has passed."""
+        self._stop_receiver()  # nothing arrives while the state changes
+        with self._cond:
+            if version in self._buffer.handed_out:
+                rewound = None
+            else:
+                forgotten = self._buffer.rewind(partials)
+                self.discarded += forgotten
+                rewound = {"max_group_id": self._buffer.max_group_id, "forgotten": forgotten}
+                log.warning(
+                    "buffer: rewound to version %d for a restarted producer: %d samples forgotten",
+                    version,
+                    forgotten,
+                )
+            self._cond.notify_all()
+        self._start_receiver()
+        if rewound is not None:
+            rewound["address"] = self._source.address
+        return rewound
 
     def take_partials(self, n: int, sent: int, timeout_s: float | None = None) -> list[list[Sample]]:
         """Up to n cached partial groups, once the first `sent` partial groups have all arrived."""
@@ -177,9 +253,12 @@ class BufferActor:
                 "rejected": dict(b.assembler.rejected + b.rejected),
                 "invalid_frames": dict(self.invalid),
                 "batches": self.batches,
+                "held_bytes": b.held_bytes,
+                "max_held_bytes": self.max_held_bytes,
+                "receiver_pauses": self.pauses,
+                "discarded_on_rewind": self.discarded,
             }
 
     def close(self) -> None:
-        self._stop.set()
-        self._thread.join(timeout=5)
-        self._source.close()
+        self._stop_receiver()
+        self._rejections.flush()

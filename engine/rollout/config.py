@@ -61,8 +61,12 @@ class RolloutConfig(Section, kw_only=True):
     partial_rollout: bool = False
     mask_offpolicy_in_partial_rollout: bool = False
     buffer_filter_path: str | None = None
+    # Producer (or buffer) actor failures survived: each restarts the producer from the last version
+    # boundary (docs/reliability.md); 0 ends the run at the first.
+    max_producer_restarts: int = 3
 
     def check(self) -> None:
+        self.non_negative("max_producer_restarts")
         self.positive("batch_size", "n_samples_per_prompt", "global_batch_size", "num_steps_per_rollout")
         self.positive("num_rollout", "num_epoch", "max_response_len", "reward_workers", "max_concurrency")
         self.non_negative("max_staleness")
@@ -203,11 +207,17 @@ class InferenceConfig(Section, kw_only=True):
     max_prefill_tokens: int = 16384
     cuda_graph: bool = True
 
+    # An engine process that dies is restarted (by Ray) up to this many times, given the current weights
+    # and its requests again; one with requests in flight and no progress for stall_timeout_s is killed
+    # and restarted the same way.
+    max_restarts: int = 3
+    stall_timeout_s: float = 300.0
+
     def check(self) -> None:
         from engine.rollout.sglang.config import check_sglang
 
-        self.positive("num_engines", "max_batch_size", "update_weight_buffer_size")
-        self.non_negative("batch_wait_ms", "max_server_restarts")
+        self.positive("num_engines", "max_batch_size", "update_weight_buffer_size", "stall_timeout_s")
+        self.non_negative("batch_wait_ms", "max_server_restarts", "max_restarts")
         self.positive("num_gpus", "num_gpus_per_engine", "server_start_timeout")
         self.positive("health_check_interval", "health_check_timeout")
         check_sglang(self)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import abc
 import asyncio
+import os
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, Literal
@@ -129,6 +130,8 @@ class EmbeddedEngineActor:
         self._awake.set()
         self._idle = asyncio.Event()  # set whenever no batch is decoding
         self._idle.set()
+        self.beats = 0  # decode steps, batch starts and updates done: progress seen by a watchdog
+        self._loaded: int | None = None  # the version of the last update applied
 
     def _start(self) -> None:
         if self._runner is None:
@@ -176,6 +179,21 @@ class EmbeddedEngineActor:
         self._aborts.update(rids)
         wake.set()
 
+    async def abort_all(self) -> None:
+        """Abort every waiting and running request (their callers are gone: a producer restarted)."""
+        wake = self._check_running()
+        self._aborts.update(r.rid for r, _ in self._pending)
+        if self._running is not None:
+            self._aborts.update(r.rid for r in self._running.requests)
+        wake.set()
+
+    async def heartbeat(self) -> int:
+        """A count that grows while the engine makes progress (answered between decode steps)."""
+        return self.beats
+
+    async def pid(self) -> int:
+        return os.getpid()
+
     async def update_weights(
         self, named: dict[str, torch.Tensor] | list[Any], version: int, mode: WeightMode = "wait"
     ) -> int:
@@ -183,10 +201,11 @@ class EmbeddedEngineActor:
 
         `named` is the HF-named tensors, or their buckets (ObjectRefs of dicts, in order): buckets are
         fetched one at a time and the update applies only once the last one is here, so decoding never
-        sees a mix of two versions."""
+        sees a mix of two versions. An update to the version last applied is a no-op (a restarted
+        engine may be given its weights both by a retried push and by the producer's recovery)."""
         wake = self._check_running()
-        if self._update is not None:
-            raise RuntimeError(f"engine {self.index}: a weight update is already in progress")
+        if self._loaded == version:
+            return self.engine.version
         if isinstance(named, list):
             staged: dict[str, torch.Tensor] = {}
             for bucket in named:
@@ -195,6 +214,10 @@ class EmbeddedEngineActor:
                 # a CUDA IPC bucket maps the learner's GPU memory (engine/cuda_ipc.py): no host copy
                 staged.update(bucket.open() if isinstance(bucket, SharedBucket) else bucket)
             named = staged
+        while self._update is not None:  # the same update from another caller: wait for it first
+            await asyncio.shield(self._update[3])
+            if self._loaded == version:
+                return self.engine.version
         future = asyncio.get_running_loop().create_future()
         self._update = (named, version, mode, future)
         wake.set()
@@ -237,7 +260,13 @@ class EmbeddedEngineActor:
         return gpu_uuid()
 
     async def stats(self) -> dict[str, float]:
-        return {"version": self.engine.version, "busy_s": self.busy_s, "sleeps": self.sleeps}
+        in_flight = len(self._pending) + len(self._futures)
+        return {
+            "version": self.engine.version,
+            "busy_s": self.busy_s,
+            "sleeps": self.sleeps,
+            "in_flight": in_flight,
+        }
 
     def _deliver(self, results: list[GenerateResult]) -> None:
         for result in results:
@@ -297,6 +326,8 @@ class EmbeddedEngineActor:
                 except Exception as e:  # a refused update goes back to its caller; decoding goes on
                     future.set_exception(e)
                 else:
+                    self._loaded = version
+                    self.beats += 1
                     future.set_result(version)
                 self._update = None
                 continue
@@ -316,6 +347,7 @@ class EmbeddedEngineActor:
                 batch = [self._pending.popleft() for _ in range(take)]
                 requests = [r for r, _ in batch]
                 self._futures.update({r.rid: f for r, f in batch})
+                self.beats += 1
                 try:
                     self._running = await self._off_loop(self.engine.start, requests)
                 except Exception as e:  # delivered to every request of the batch, not swallowed
@@ -339,6 +371,7 @@ class EmbeddedEngineActor:
                 self._running.abort()  # its rows are released (the static engine's slots too)
                 self._running = None
                 continue
+            self.beats += 1
             self._deliver(finished)
             if self._running.done:
                 self._running = None

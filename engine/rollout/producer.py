@@ -79,6 +79,7 @@ class Producer:
         num_batches: int,
         partials: PartialStore | None = None,
         resume: RolloutState | None = None,
+        rid_start: int = 0,
     ) -> None:
         self.cfg, self.eval_cfg = rollout, evaluation
         self.tokenizer = tokenizer
@@ -111,7 +112,8 @@ class Producer:
         self._held: deque[Group] = deque()  # partial groups taken back, waiting for room
         self._changed = asyncio.Event()
         self._max_groups = max(1, rollout.max_concurrency // rollout.n_samples_per_prompt)
-        self._rids = itertools.count()
+        self._rids = itertools.count(rid_start)  # a restarted producer's ids differ from its predecessor's
+        self._skip: Counter[int] = Counter()
         self._in_flight = [0] * len(engines)
         self.progress = Progress()
         self._pending: deque[Pending] = deque()
@@ -130,6 +132,7 @@ class Producer:
         self.start_version = state.version
         self.progress = Progress(state.dropped, state.cached)
         self._pending.extend(state.pending)
+        self._skip.update(state.skip)
         self.counts["partials_restored"] = len(state.cached)
         self.counts["groups_pending_restored"] = len(state.pending)
 
@@ -137,7 +140,7 @@ class Producer:
         """What a resumed run needs, at the boundary where the learner holds `version`."""
         if version != self.version:
             raise RuntimeError(f"snapshot at version {version}, but the producer is at {self.version}")
-        return self.progress.snapshot(
+        state = self.progress.snapshot(
             version=version,
             epoch=self.order.epoch,
             offset=self.order.offset,
@@ -145,6 +148,8 @@ class Producer:
             held=self._held,
             waiting=self._pending,
         )
+        state.skip = sorted(self._skip.elements())
+        return state
 
     # --- versions and admission ---------------------------------------------------------------------
 
@@ -173,6 +178,10 @@ class Producer:
             seq, position, index = p.seq, p.position, p.prompt_index
         else:
             position, index = self.order.next()
+            while self._skip[index] > 0:  # trained after the snapshot a restarted producer came from
+                self._skip[index] -= 1
+                self.counts["prompts_skipped_trained"] += 1
+                position, index = self.order.next()
         n = self.cfg.n_samples_per_prompt
         seeds = [derive_seed(self.cfg.seed, TRAIN, position, i) for i in range(n)]
         responses = [Response(seed=s, budget=self.cfg.max_response_len) for s in seeds]

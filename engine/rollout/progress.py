@@ -99,6 +99,9 @@ class RolloutState(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     dropped: int  # groups dropped since the start of training
     pending: list[Pending]
     cached: list[list[Sample]]
+    # Prompt indices trained after the snapshot this state was advanced from (a producer restarted
+    # mid-run): the next draw of each from the prompt order is skipped, once.
+    skip: list[int] = msgspec.field(default_factory=list)
 
 
 def encode_state(state: RolloutState) -> bytes:

@@ -1,0 +1,179 @@
+"""Supervision of one inference engine actor, from the producer's side: restart, current weights,
+resubmission, and detection of a stuck engine.
+
+The engine actor is created with Ray's `max_restarts` (inference.max_restarts). Guarantees:
+- when the engine process dies, every generate call that was in flight on it is resubmitted, unchanged
+  (prompt + the tokens of earlier rounds, the same seed and sample offset), once the restarted actor
+  answers and holds the policy version the producer was last given (the weights of that push are kept
+  as Ray object references for this); requests aborted meanwhile come back as aborted, not resubmitted;
+- an engine with calls in flight whose progress count has not moved (or that has not answered) for
+  inference.stall_timeout_s is killed, and then restarted and resubmitted to as above;
+- every restart and stall is logged and counted (engine_restarts, engine_stalls,
+  engine_calls_resubmitted, engine_requests_resubmitted); an engine that fails more than max_restarts
+  times, or does not come back within RESTART_WAIT_S, ends the run with an error naming it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import Counter
+from collections.abc import Callable
+from typing import Any
+
+import ray
+from ray.exceptions import RayActorError
+
+from engine.rollout.engines import InferenceEngine, RayEngineClient, aborted
+from engine.wire import GenerateRequest, GenerateResult
+
+log = logging.getLogger(__name__)
+
+RESTART_WAIT_S = 600.0  # how long a restarted engine may take to answer (process start, model load)
+
+# () -> (version, weight buckets or None): the last push the producer was given
+WeightSource = Callable[[], tuple[int, list[Any] | None]]
+
+
+class EngineGuard(InferenceEngine):
+    def __init__(
+        self,
+        actor: Any,
+        index: int,
+        weights: WeightSource,
+        *,
+        stall_timeout_s: float,
+        max_restarts: int,
+        counts: Counter[str],
+    ) -> None:
+        self.actor, self.index = actor, index
+        self.client = RayEngineClient(actor)
+        self._weights = weights
+        self._stall_timeout = stall_timeout_s
+        self._max_restarts = max_restarts
+        self.counts = counts
+        self.restarts = 0
+        self._incarnation = 0
+        self._lock = asyncio.Lock()
+        self._aborted: set[int] = set()
+        self._in_flight = 0
+        self._watchdog: asyncio.Task | None = None
+
+    async def generate(self, requests: list[GenerateRequest]) -> list[GenerateResult]:
+        results: dict[int, GenerateResult] = {}
+        todo = list(requests)
+        try:
+            while todo:
+                incarnation = self._incarnation
+                self._enter()
+                try:
+                    out = await self.client.generate(todo)
+                except RayActorError as e:
+                    await self._recover(incarnation, e)
+                    results.update((r.rid, aborted(r)) for r in todo if r.rid in self._aborted)
+                    todo = [r for r in todo if r.rid not in self._aborted]
+                    if todo:
+                        self.counts["engine_calls_resubmitted"] += 1
+                        self.counts["engine_requests_resubmitted"] += len(todo)
+                    continue
+                finally:
+                    self._in_flight -= 1
+                results.update((r.rid, x) for r, x in zip(todo, out, strict=True))
+                todo = []
+        finally:
+            self._aborted.difference_update(r.rid for r in requests)
+        return [results[r.rid] for r in requests]
+
+    async def abort(self, rids: list[int]) -> None:
+        self._aborted.update(rids)  # applied at resubmission if the engine is being restarted
+        try:
+            await self.client.abort(rids)
+        except RayActorError as e:  # the engine is down: its requests are resubmitted without these
+            log.info("engine %d: abort of %d requests deferred to its restart (%r)", self.index, len(rids), e)
+
+    async def abort_all(self) -> None:
+        await self.actor.abort_all.remote()
+
+    # --- restarts -----------------------------------------------------------------------------------
+
+    async def _recover(self, incarnation: int, error: BaseException) -> None:
+        """Wait for Ray's restart of the engine and give it the current weights (once per failure,
+        whichever caller sees it first)."""
+        async with self._lock:
+            if incarnation != self._incarnation:
+                return  # another caller has already brought the restarted engine up
+            self.restarts += 1
+            self.counts["engine_restarts"] += 1
+            if self.restarts > self._max_restarts:
+                raise RuntimeError(
+                    f"engine {self.index} failed {self.restarts} times "
+                    f"(inference.max_restarts = {self._max_restarts}): {error!r}"
+                ) from error
+            log.warning("engine %d failed (%r): waiting for its restart", self.index, error)
+            t0 = time.monotonic()
+            while True:
+                try:
+                    await asyncio.wait_for(_awaitable(self.actor.ready.remote()), RESTART_WAIT_S)
+                    break
+                except (RayActorError, TimeoutError) as e:
+                    if time.monotonic() - t0 > RESTART_WAIT_S:
+                        raise RuntimeError(
+                            f"engine {self.index} did not come back within {RESTART_WAIT_S:g} s after "
+                            f"failing with {error!r}"
+                        ) from e
+                    await asyncio.sleep(0.2)
+            version, weights = self._weights()
+            if weights is not None:
+                await self.actor.update_weights.remote(weights, version, "wait")
+            self._incarnation += 1
+            log.warning(
+                "engine %d restarted at policy version %d in %.1f s (restart %d of at most %d); "
+                "resubmitting its requests",
+                self.index,
+                version,
+                time.monotonic() - t0,
+                self.restarts,
+                self._max_restarts,
+            )
+
+    # --- stalls -------------------------------------------------------------------------------------
+
+    def _enter(self) -> None:
+        self._in_flight += 1
+        if self._watchdog is None or self._watchdog.done():
+            self._watchdog = asyncio.get_running_loop().create_task(self._watch())
+
+    async def _watch(self) -> None:
+        """While calls are in flight: kill the engine when its progress count stops for stall_timeout_s."""
+        loop = asyncio.get_running_loop()
+        period = self._stall_timeout / 4
+        last, since = None, loop.time()
+        while self._in_flight > 0:
+            try:
+                beat = await asyncio.wait_for(_awaitable(self.actor.heartbeat.remote()), period)
+            except TimeoutError:
+                beat = last  # no answer is no progress
+            except RayActorError:
+                return  # it died: the calls in flight fail and recover
+            now = loop.time()
+            if beat != last or self._lock.locked():  # progress, or a restart under way (not a stall)
+                last, since = beat, now
+            elif now - since > self._stall_timeout:
+                self.counts["engine_stalls"] += 1
+                log.error(
+                    "engine %d made no progress for %.0f s (inference.stall_timeout_s = %g) with %d "
+                    "calls in flight: killing it for a restart",
+                    self.index,
+                    now - since,
+                    self._stall_timeout,
+                    self._in_flight,
+                )
+                ray.kill(self.actor, no_restart=False)
+                return
+            await asyncio.sleep(period)
+
+
+async def _awaitable(ref: Any) -> Any:
+    """An ObjectRef as a coroutine (asyncio.wait_for needs one it can cancel)."""
+    return await ref
