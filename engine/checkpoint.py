@@ -244,3 +244,11 @@ def _write_synced(path: Path, text: str) -> None:
         f.write(text)
         f.flush()
         os.fsync(f.fileno())
+
+
+def resume_hint(save: str | None) -> str:
+    """What to tell a user whose run ended on a failure: the checkpoint to resume from, if any."""
+    latest = Path(save) / "latest" if save else None
+    if latest is None or not latest.exists():
+        return "no checkpoint was saved to resume from (set ckpt.save and ckpt.save_interval)"
+    return f"resume with ckpt.load={save} (latest complete iteration: {latest.read_text().strip()})"

@@ -40,8 +40,10 @@ from engine import checkpoint
 from engine.buffer.buffer import BufferActor
 from engine.cluster import actor_options, gpus_per_actor
 from engine.config import Config
+from engine.gpu_plan import gpu_share, phase_memory, same_gpu
 from engine.learner.config import LearnerSpec
 from engine.learner.group import LearnerGroup
+from engine.ledger import write_ledger
 from engine.metrics import MetricsLogger, mean_of
 from engine.rollout.data import Prompt
 from engine.rollout.engines import EmbeddedEngineActor
@@ -101,7 +103,7 @@ class Trainer:
             self.rollout_log = RolloutLog(decode_state(resume))
             ray.get(self.buffer.restore_partials.remote(decode_state(resume).cached))
         engine_actor = ray.remote(EmbeddedEngineActor)
-        share = self.gpu_share()
+        share = gpu_share(c)
         if c.inference.backend == "sglang":  # engine/rollout/sglang: servers, endpoints, weight sync
             from engine.rollout.sglang import launch as sglang
 
@@ -153,9 +155,7 @@ class Trainer:
         if c.inference.colocate:  # the engines decode first: the learner frees its optimizer memory
             self.learner.sleep()
         # Learner rank 0 and every engine on one GPU: weights move by CUDA IPC, never through the host.
-        rank0 = self.learner.info[0]["gpu_uuid"]
-        engines = ray.get([e.gpu_uuid.remote() for e in self.engines])
-        self.cuda_ipc = rank0 is not None and bool(engines) and all(u == rank0 for u in engines)
+        self.cuda_ipc = same_gpu(self.learner.info[0], self.engines)
         ray.get(self.producer.num_prompts.remote())
         self.prompts, self.eval_sets = [], {}  # the producer holds them now
 
@@ -319,17 +319,16 @@ class Trainer:
                 prompt_ledger.write(json.dumps({"step": step, "prompt_index": prompts}) + "\n")
                 prompt_ledger.flush()
                 t1 = time.perf_counter()
-                metrics.update(self.phase_memory("rollout"))
+                metrics.update(phase_memory(self.learner, self.engines, "rollout"))
                 if c.inference.colocate:  # the engines give their caches back while the learner trains
                     ray.get([e.sleep.options(max_task_retries=-1).remote() for e in self.engines])
                     self.learner.wake()
                 try:
                     train_steps = self.learner.train(samples_ref, c.rollout.num_steps_per_rollout)
                 except RayActorError as e:  # a learner rank died: its state is gone, the run ends
-                    raise RuntimeError(
-                        f"step {step}: a learner rank failed ({e!r}); {self._resume_hint()}"
-                    ) from e
-                metrics.update(self.phase_memory("train"))
+                    hint = checkpoint.resume_hint(self.cfg.ckpt.save)
+                    raise RuntimeError(f"step {step}: a learner rank failed ({e!r}); {hint}") from e
+                metrics.update(phase_memory(self.learner, self.engines, "train"))
                 if c.inference.colocate:
                     self.learner.sleep()
                     ray.get([e.wake.options(max_task_retries=-1).remote() for e in self.engines])
@@ -364,14 +363,10 @@ class Trainer:
                 metrics["time/step"] = time.perf_counter() - t0
                 self.logger.log(step, metrics)
         self._settle_push()
-        self.write_ledger(ray.get(self._producer_run))
-
-    def _resume_hint(self) -> str:
-        save = self.cfg.ckpt.save
-        latest = Path(save) / "latest" if save else None
-        if latest is None or not latest.exists():
-            return "no checkpoint was saved to resume from (set ckpt.save and ckpt.save_interval)"
-        return f"resume with ckpt.load={save} (latest complete iteration: {latest.read_text().strip()})"
+        ledger = self.logger.path.parent / "ledger.json"
+        trained = self.num_rollout - self.start.step
+        counts = ray.get(self._producer_run)
+        write_ledger(ledger, self.buffer, self.cfg, trained, self.restarts, counts)
 
     def _producer_stats(self, ref: Any) -> dict[str, float]:
         """The producer's metrics for this step; none if it died meanwhile (its restart follows when the
@@ -407,26 +402,6 @@ class Trainer:
         )
         log.info("saved %s in %.1f s", final, time.perf_counter() - t0)
         return str(final)
-
-    def write_ledger(self, producer: dict[str, Any]) -> None:
-        """ledger.json in the run directory: the producer's account of every group and sample, next to
-        the buffer's own counts once it has received everything the producer sent."""
-        sent = producer["samples_sent"] + producer["partial_samples_sent"]
-        buffer = ray.get(self.buffer.stats.remote())
-        while buffer["received"] < sent and not buffer["invalid_frames"]:  # the last messages in flight
-            time.sleep(0.05)
-            buffer = ray.get(self.buffer.stats.remote())
-        c = self.cfg.rollout
-        ledger = {
-            "producer": producer,
-            "buffer": buffer,
-            "restarts": self.restarts,
-            "trained": {
-                "batches": self.num_rollout - self.start.step,
-                "samples": (self.num_rollout - self.start.step) * c.batch_size * c.n_samples_per_prompt,
-            },
-        }
-        (self.logger.path.parent / "ledger.json").write_text(json.dumps(ledger, indent=2))
 
     def push_weights(self, version: int) -> None:
         """Learner rank 0 -> every engine (through the object store, in buckets of at most
@@ -465,34 +440,6 @@ class Trainer:
         else:
             self._pushed = self._applied
         self.version = version
-
-    def phase_memory(self, phase: str) -> dict[str, float]:
-        """GPU memory at the end of a phase (GiB): each process' peak during it and what it holds now
-        (learner rank 0, engine 0); peaks are reset for the next phase. Empty on the CPU."""
-        if self.learner.info[0]["device"] == "cpu":
-            return {}
-        learner = self.learner.memory(reset=True)[0]
-        engine = {}
-        if self.engines:  # retried on an engine Ray is restarting
-            engine = ray.get(self.engines[0].memory.options(max_task_retries=-1).remote(True))
-        out = {}
-        for who, m in (("learner", learner), ("engine", engine)):
-            if m:
-                out[f"memory/{phase}_{who}_peak_gib"] = m["peak_gib"]
-                out[f"memory/{phase}_{who}_end_gib"] = m["allocated_gib"]
-        return out
-
-    def gpu_share(self) -> float:
-        """The share of a GPU each learner rank and engine asks for: a whole one when the cluster has a
-        GPU for each, else an equal share (one GPU: learner and engine on it together)."""
-        gpus = ray.cluster_resources().get("GPU", 0)
-        if self.cfg.inference.backend == "sglang":  # the servers hold GPUs of their own (placement groups)
-            return 1.0
-        need = self.cfg.cluster.learner_ranks + self.cfg.inference.num_engines
-        if not gpus or gpus >= need:
-            return 1.0
-        per_gpu = -(-need // int(gpus))  # actors that must share each GPU
-        return 1.0 / per_gpu
 
     def close(self) -> None:
         """Orderly end of a finished run: flush and close the producer and the buffer (errors propagate)."""
