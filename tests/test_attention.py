@@ -17,7 +17,7 @@ from engine.learner import hf_bridge
 from engine.learner.attention import packed_seq_params
 from engine.learner.batching import Packing, chunk_by_tokens, make_micro_batch
 from engine.learner.config import AlgoConfig
-from engine.learner.loss import policy_objective
+from engine.learner.loss import policy_objective, token_logprobs
 from engine.learner.weights import load_hf_state
 from engine.learner.worker import LearnerWorker
 from tests.helpers import FAMILIES, make_checkpoint, sample
@@ -118,7 +118,9 @@ def test_padding_never_reaches_the_loss_and_packing_changes_nothing(family) -> N
         for i, (p, n) in enumerate([(4, 3), (9, 7), (2, 1), (6, 5)])
     ]
     xs[1] = sample(group_id=1, n=7, prompt_ids=list(range(5, 14)), loss_mask=[1, 0, 0, 1, 1, 1, 0])
-    learner = SimpleNamespace(shape=SimpleNamespace(vocab=vocab), temperature=0.7)
+    learner = SimpleNamespace(
+        shape=SimpleNamespace(vocab=vocab), temperature=0.7, _token_logprobs=token_logprobs
+    )
     padded = make_micro_batch(xs, [0, 1, 2, 3])
     packed = make_micro_batch(xs, [0, 1, 2, 3], packed=True)
     algo = AlgoConfig(entropy_coef=0.01)

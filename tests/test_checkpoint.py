@@ -311,7 +311,7 @@ def test_a_resumed_producer_restarts_pending_groups_first_then_cached_ones(tiny_
                 AutoTokenizer.from_pretrained(tiny_ckpt),
                 prompts,
                 {},
-                [Local(actor(tiny_ckpt))],
+                [Local(actor(tiny_ckpt, "transformers"))],
                 sink,
                 rewards,
                 num_batches=2,
