@@ -1,8 +1,9 @@
 """Faults injected into a real run (Ray actors, ZeroMQ, Megatron learner on CPU), by process id:
 
 an engine process killed with requests in flight, then stopped (SIGSTOP: a stuck engine, found by
-inference.stall_timeout_s), then the producer process killed. The run finishes; the prompt ledger shows
-every trained prompt exactly once and every batch full, the restarts are counted in the metrics, and
+inference.stall_timeout_s), then the producer process killed, then the buffer process. The run
+finishes; the prompt ledger shows every trained prompt exactly once and every batch full, the restarts
+are counted in the metrics, and
 the ledger accounts for every group the last producer started and every sample the buffer forgot.
 """
 
@@ -91,7 +92,7 @@ class Run:
 
 
 @pytest.mark.slow
-def test_killed_and_stuck_engine_and_killed_producer_lose_nothing(tmp_path: Path, ray_local) -> None:
+def test_killed_and_stuck_engine_killed_producer_and_buffer_lose_nothing(tmp_path: Path, ray_local) -> None:
     run = Run(tmp_path, "rollout.max_staleness=1", "inference.stall_timeout_s=4", "inference.max_restarts=3")
     try:
         run.wait_step(1)
@@ -110,6 +111,11 @@ def test_killed_and_stuck_engine_and_killed_producer_lose_nothing(tmp_path: Path
         assert at < STEPS, "the run ended before the producer could be killed"
         producer = ray_local.get(run.trainer.producer.pid.remote())
         os.kill(producer, signal.SIGKILL)
+        while run.steps()[-1].get("restarts/producer", 0) < 1:
+            run.wait_step(len(run.steps()) + 1)
+        assert len(run.steps()) < STEPS, "the run ended before the buffer could be killed"
+        buffer = ray_local.get(run.trainer.buffer.pid.remote())
+        os.kill(buffer, signal.SIGKILL)  # the buffer dies with samples in it: its producer goes too
     finally:
         run.finish()
 
@@ -118,22 +124,24 @@ def test_killed_and_stuck_engine_and_killed_producer_lose_nothing(tmp_path: Path
     assert all(r["rollout/samples"] == GROUPS * N for r in rows)
     stalled = next(r for r in rows if r.get("producer/engine_stalls"))
     assert stalled["producer/engine_restarts"] == 2 and stalled["producer/engine_requests_resubmitted"] >= 1
-    assert rows[-1]["restarts/producer"] == 1
+    assert rows[-1]["restarts/producer"] == 1 and rows[-1]["restarts/buffer"] == 1
     lines = (run.dir / "prompt_ledger.jsonl").read_text().splitlines()
     prompts = [p for line in lines for p in json.loads(line)["prompt_index"]]
     assert len(prompts) == STEPS * GROUPS and len(set(prompts)) == len(prompts)  # each trained exactly once
     ledger = json.loads((run.dir / "ledger.json").read_text())
     p, b = ledger["producer"], ledger["buffer"]
-    assert ledger["restarts"] == {"producer": 1, "buffer": 0}
+    assert ledger["restarts"] == {"producer": 1, "buffer": 1}
     ended = p["groups_assigned"] + sum(p["groups_filtered"].values()) + p["surplus_cached"]
     ended += p["surplus_dropped"] + p["surplus_finished_dropped"]
     assert p["groups_started"] == ended, p  # the restarted producer's every group accounted for
     assert not b["rejected"] and not b["invalid_frames"]
-    # every sample the buffer received was trained, forgotten at the restart (and generated again), or
-    # is still in the buffer (a batch of samples not trained because the run was over)
-    trained = STEPS * GROUPS * N
-    assert b["received"] >= trained + b["discarded_on_rewind"]
+    # every sample the last buffer received was trained, forgotten at a restart (and generated again),
+    # or is still in the buffer (a batch not trained because the run was over); that buffer started when
+    # the first one was killed, so it has seen the batches trained from then on
+    after = sum(1 for r in rows if r["restarts/buffer"] == 1)
+    assert 0 < after < STEPS
+    assert b["received"] >= after * GROUPS * N + b["discarded_on_rewind"]
     print(
-        f"faults: engine kill + stall + producer kill; {len(prompts)} prompts trained once each; "
+        f"faults: engine kill + stall + producer and buffer kills; {len(prompts)} prompts trained once; "
         f"{b['discarded_on_rewind']} samples regenerated after the producer restart"
     )
