@@ -166,8 +166,8 @@ def teacher_forced(
 
     hf = load_hf_config(path)
     if kind == "megatron":
+        from engine.cluster import free_port
         from engine.learner import hf_bridge
-        from engine.learner.group import free_port
         from engine.learner.parallel import init_parallel
         from engine.learner.weights import load_hf_state
 

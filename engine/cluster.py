@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import socket
 from collections.abc import Iterator
 from typing import Any
 
@@ -43,6 +44,13 @@ class ClusterConfig(Section, kw_only=True):
 
     def threads(self) -> int:
         return self.torch_threads or (os.cpu_count() or 1)
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port free on host now (for a rendezvous that starts right after)."""
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
 
 
 def pin_to_core(core: int | None) -> None:

@@ -40,7 +40,7 @@ from engine import checkpoint
 from engine.buffer.buffer import BufferActor
 from engine.cluster import actor_options, gpus_per_actor
 from engine.config import Config
-from engine.gpu_plan import gpu_share, phase_memory, same_gpu
+from engine.gpu_plan import gpu_share, phase_memory, weight_transfer
 from engine.learner.config import LearnerSpec
 from engine.learner.group import LearnerGroup
 from engine.ledger import write_ledger
@@ -50,6 +50,7 @@ from engine.rollout.engines import EmbeddedEngineActor
 from engine.rollout.producer_actor import ProducerActor
 from engine.rollout.progress import RolloutState, decode_state, encode_state
 from engine.supervisor import RolloutLog
+from engine.weight_broadcast import BroadcastPush
 
 log = logging.getLogger("engine.controller")
 
@@ -82,7 +83,7 @@ class Trainer:
         self._applied: list[Any] = []  # the engines' acknowledgements of the last push
         self._weights: list[Any] | None = None  # the last push's weight buckets
         self._actors: list[Any] = []
-        self.cuda_ipc = False  # set by build: learner rank 0 and the engines share one GPU
+        self.transfer = "object_store"  # set by build (engine/gpu_plan.weight_transfer)
         self.restarts = {"producer": 0, "buffer": 0}
         self._restart_due: BaseException | None = None  # a producer death to handle after the push
         self._producer_run: Any = None
@@ -154,8 +155,12 @@ class Trainer:
         ray.get([e.ready.options(max_task_retries=-1).remote() for e in self.engines])
         if c.inference.colocate:  # the engines decode first: the learner frees its optimizer memory
             self.learner.sleep()
-        # Learner rank 0 and every engine on one GPU: weights move by CUDA IPC, never through the host.
-        self.cuda_ipc = same_gpu(self.learner.info[0], self.engines)
+        # CUDA IPC on a shared GPU, NCCL broadcast between GPUs, else the object store (engine/gpu_plan.py)
+        self.transfer = weight_transfer(c, self.learner.info[0], self.engines) if self.engines else "sglang"
+        if self.transfer == "broadcast":
+            backend = "gloo" if self.learner.info[0]["device"] == "cpu" else "nccl"
+            size = c.inference.update_weight_buffer_size
+            self.broadcast = BroadcastPush(self.learner, self.engines, size, backend)
         ray.get(self.producer.num_prompts.remote())
         self.prompts, self.eval_sets = [], {}  # the producer holds them now
 
@@ -413,22 +418,27 @@ class Trainer:
         the engines do not have yet), and the next push first waits for this one to be complete.
         """
         size = self.cfg.inference.update_weight_buffer_size
-        if self.cuda_ipc:
-            weights = self.learner.export_shared_buckets(size)
-        else:
-            weights = self.learner.export_weight_buckets(size)
-        self._settle_push()
         mode = self.cfg.rollout.on_weight_update
-        if self.cfg.inference.backend == "sglang":  # blocks until every server reports the version
-            versions = self.weight_sync.push(ray.get(weights), version, mode)
-            self._pushed = self.producer.set_version.remote(
-                version, *versions, snapshot=self.cfg.rollout.max_producer_restarts > 0
-            )
-            self.version = version
-            return
-        # retried on an engine Ray restarts meanwhile; a repeated update of one version is a no-op
-        update = [e.update_weights.options(max_task_retries=-1) for e in self.engines]
-        self._applied = [u.remote(weights, version, mode) for u in update]
+        if self.transfer == "broadcast":  # learner rank 0 holds the weights for engines restarted later
+            self._settle_push()
+            self._applied, held = self.broadcast.push(version, mode)
+            weights: Any = [held]
+        else:
+            if self.transfer == "cuda_ipc":
+                weights = self.learner.export_shared_buckets(size)
+            else:
+                weights = self.learner.export_weight_buckets(size)
+            self._settle_push()
+            if self.cfg.inference.backend == "sglang":  # blocks until every server reports the version
+                versions = self.weight_sync.push(ray.get(weights), version, mode)
+                self._pushed = self.producer.set_version.remote(
+                    version, *versions, snapshot=self.cfg.rollout.max_producer_restarts > 0
+                )
+                self.version = version
+                return
+            # retried on an engine Ray restarts meanwhile; a repeated update of one version is a no-op
+            update = [e.update_weights.options(max_task_retries=-1) for e in self.engines]
+            self._applied = [u.remote(weights, version, mode) for u in update]
         self._weights = weights
         if self._restart_due is None:
             self._pushed = self.producer.set_version.remote(

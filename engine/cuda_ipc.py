@@ -44,11 +44,28 @@ class SharedBucket:
     def open(self) -> dict[str, torch.Tensor]:
         """The bucket's tensors, mapped from the sender's GPU memory (call in the receiving process)."""
         rebuild, args = self.handle
-        flat = rebuild(*args)
-        return {
-            e.name: flat[e.offset : e.offset + e.nbytes].view(getattr(torch, e.dtype)).view(e.shape)
-            for e in self.entries
-        }
+        return unpack(rebuild(*args), self.entries)
+
+
+def bucket_bytes(entries: list[Entry] | tuple[Entry, ...]) -> int:
+    return entries[-1].offset + entries[-1].nbytes
+
+
+def pack(named: dict[str, torch.Tensor], entries: list[Entry] | tuple[Entry, ...]) -> torch.Tensor:
+    """One flat byte buffer, on the tensors' device, holding them where `entries` says."""
+    flat = torch.empty(bucket_bytes(entries), dtype=torch.uint8, device=named[entries[0].name].device)
+    for e in entries:
+        t = named[e.name]
+        flat[e.offset : e.offset + e.nbytes].view(t.dtype).view(t.shape).copy_(t)
+    return flat
+
+
+def unpack(flat: torch.Tensor, entries: list[Entry] | tuple[Entry, ...]) -> dict[str, torch.Tensor]:
+    """The named tensors of a flat buffer (views, no copy)."""
+    return {
+        e.name: flat[e.offset : e.offset + e.nbytes].view(getattr(torch, e.dtype)).view(e.shape)
+        for e in entries
+    }
 
 
 def _aligned(n: int) -> int:
@@ -84,12 +101,7 @@ class SharedBuckets:
 
         out, buffers = [], []
         for entries in plan(named, max_bytes):
-            device = named[entries[0].name].device
-            size = entries[-1].offset + entries[-1].nbytes
-            flat = torch.empty(size, dtype=torch.uint8, device=device)
-            for e in entries:
-                t = named[e.name]
-                flat[e.offset : e.offset + e.nbytes].view(t.dtype).view(t.shape).copy_(t)
+            flat = pack(named, entries)
             buffers.append(flat)
             out.append(SharedBucket(handle=reduce_tensor(flat), entries=tuple(entries)))
         torch.cuda.current_stream().synchronize()  # the copies are done before anyone maps the buffers

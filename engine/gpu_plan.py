@@ -3,8 +3,9 @@ each phase of a step uses.
 
 Guarantees: on a cluster without GPUs every actor asks for none (CPU run); with at least one GPU per
 learner rank and engine each gets a whole one; with fewer they share equally (one GPU: learner and engine
-half each, as colocated mode needs). Weights go by CUDA IPC exactly when learner rank 0 and every engine
-report the same physical GPU; otherwise through Ray's object store.
+half each, as colocated mode needs). By default weights go by CUDA IPC exactly when learner rank 0 and
+every engine report the same physical GPU, by NCCL broadcast when they are all on GPUs, otherwise through
+Ray's object store.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from typing import Any
 import ray
 
 from engine.config import Config
+from engine.errors import ConfigError
 
 
 def gpu_share(cfg: Config) -> float:
@@ -29,12 +31,24 @@ def gpu_share(cfg: Config) -> float:
     return 1.0 / per_gpu
 
 
-def same_gpu(learner_rank0: dict[str, Any], engines: list[Any]) -> bool:
-    """Learner rank 0 (its ready() report) and every engine on one physical GPU: CUDA IPC can carry the
-    weights."""
+def weight_transfer(cfg: Config, learner_rank0: dict[str, Any], engines: list[Any]) -> str:
+    """How weights reach the embedded engines (inference.weight_transfer; "auto": CUDA IPC when learner
+    rank 0 and every engine share one physical GPU, an NCCL broadcast when all are on GPUs, else Ray's
+    object store). A choice the placement cannot serve is a ConfigError."""
     rank0 = learner_rank0.get("gpu_uuid")
     uuids = ray.get([e.gpu_uuid.options(max_task_retries=-1).remote() for e in engines])
-    return rank0 is not None and bool(uuids) and all(u == rank0 for u in uuids)
+    same = rank0 is not None and bool(uuids) and all(u == rank0 for u in uuids)
+    on_gpus = rank0 is not None and bool(uuids) and all(u is not None for u in uuids)
+    want = cfg.inference.weight_transfer
+    if want == "auto":
+        return "cuda_ipc" if same else "broadcast" if on_gpus else "object_store"
+    if want == "cuda_ipc" and not same:
+        raise ConfigError(
+            "is 'cuda_ipc', but learner rank 0 and the engines are not on one GPU",
+            section="inference",
+            key="weight_transfer",
+        )
+    return want
 
 
 def phase_memory(learner: Any, engines: list[Any], phase: str) -> dict[str, float]:

@@ -3,21 +3,15 @@
 from __future__ import annotations
 
 import asyncio
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
+from engine.cluster import free_port
 from engine.rollout.sglang.http import SglangHttp
 
 ROOT = Path(__file__).resolve().parents[1]
 LAUNCHER = [sys.executable, "-m", "tests.fakes.sglang_server"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def start_fake(model_path: Path, *, version: int = 0) -> tuple[subprocess.Popen, str]:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from engine.cuda_ipc import ALIGN, plan
+from engine.cuda_ipc import ALIGN, bucket_bytes, pack, plan, unpack
 
 
 def tensors() -> dict[str, torch.Tensor]:
@@ -38,15 +38,15 @@ def test_every_tensor_once_in_order_aligned_and_within_the_bucket_size(max_bytes
 
 
 def test_a_bucket_round_trips_through_its_layout() -> None:
-    """What SharedBuckets.share writes and SharedBucket.open reads, without the IPC (CPU tensors)."""
+    """What SharedBuckets.share (and a broadcast) writes and SharedBucket.open reads (CPU tensors)."""
     named = tensors()
     for entries in plan(named, 4096):
-        flat = torch.zeros(entries[-1].offset + entries[-1].nbytes, dtype=torch.uint8)
-        for e in entries:
-            flat[e.offset : e.offset + e.nbytes].view(named[e.name].dtype).view(e.shape).copy_(named[e.name])
-        for e in entries:
-            view = flat[e.offset : e.offset + e.nbytes].view(getattr(torch, e.dtype)).view(e.shape)
-            assert torch.equal(view, named[e.name])
+        flat = pack(named, entries)
+        assert flat.dtype == torch.uint8 and flat.numel() == bucket_bytes(entries)
+        back = unpack(flat, entries)
+        assert list(back) == [e.name for e in entries]
+        for name, t in back.items():
+            assert t.dtype == named[name].dtype and torch.equal(t, named[name])
 
 
 @pytest.mark.gpu

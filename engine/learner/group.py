@@ -6,20 +6,13 @@ when every rank has finished, so no rank is ever left inside a collective the ot
 
 from __future__ import annotations
 
-import socket
 from typing import Any
 
 import ray
 
-from engine.cluster import actor_options, gpus_per_actor
+from engine.cluster import actor_options, free_port, gpus_per_actor
 from engine.learner.config import LearnerSpec
 from engine.learner.worker import LearnerWorker
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class LearnerGroup:
@@ -64,6 +57,21 @@ class LearnerGroup:
         ray.get(refs[1:])
         ray.wait(refs[:1])
         return refs[0]
+
+    def weight_layout(self, max_bytes: int) -> list[Any]:
+        """Rank 0's broadcast bucket layout (engine/weight_broadcast.py)."""
+        return self._all("weight_layout", max_bytes)[0]
+
+    def join_group(self, address: str, port: int, world: int, name: str, backend: str) -> Any:
+        """Rank 0 joins a weight group as its rank 0; an ObjectRef to wait on with the other members."""
+        return self.workers[0].join_weight_group.remote(address, port, world, name, backend)
+
+    def leave_group(self, name: str) -> Any:
+        return self.workers[0].leave_weight_group.remote(name)
+
+    def broadcast_weights(self, name: str, layout: list[Any], version: int) -> None:
+        """Every rank exports, rank 0 broadcasts (returns once rank 0 has sent every bucket)."""
+        self._all("broadcast_weights", name, layout, version)
 
     def sleep(self) -> None:
         """Colocated mode: every rank frees what training alone needs (LearnerWorker.sleep)."""

@@ -27,7 +27,7 @@ from megatron.core import parallel_state as mpu
 
 from engine.checkpoint import is_iteration
 from engine.cluster import gpu_uuid, pin_to_core
-from engine.cuda_ipc import SharedBuckets
+from engine.cuda_ipc import SharedBuckets, plan
 from engine.errors import ConfigError
 from engine.hf_config import load_hf_config, torch_dtype
 from engine.learner import hf_bridge, hf_moe, pipeline
@@ -40,6 +40,7 @@ from engine.learner.loss import CustomLoss, policy_objective, token_logprobs
 from engine.learner.optim import make_optimizer, make_scheduler
 from engine.learner.parallel import init_parallel
 from engine.learner.weights import bucketize, load_hf_state, save_hf_checkpoint
+from engine.weight_broadcast import send_buckets
 from engine.wire import Sample
 
 
@@ -114,6 +115,7 @@ class LearnerWorker:
         self.optimizer = make_optimizer(self.model, optimizer, optimizer.lr, {**sync, **self._groups})
         self.scheduler = make_scheduler(self.optimizer, optimizer, total_steps, optimizer.lr)
         self._shared = SharedBuckets()
+        self._held: tuple[int, dict[str, torch.Tensor]] | None = None  # the last broadcast push
         self.critic = None
         if self.algo.needs_critic:
             self.critic = Critic(
@@ -419,6 +421,28 @@ class LearnerWorker:
         if tensors is None:
             return None
         return self._shared.share(tensors, max_bytes)
+
+    def weight_layout(self, max_bytes: int) -> list[Any] | None:
+        """Rank 0: how its export is cut into broadcast buckets (engine/weight_broadcast.py; every rank
+        must call this)."""
+        tensors = self.export_hf(on_device=True)
+        return None if tensors is None else plan(tensors, max_bytes)
+
+    def broadcast_weights(self, group_name: str, layout: list[Any], version: int) -> int:
+        """Every rank exports; rank 0 broadcasts the buckets over the weight group from device memory and
+        holds them as `version` for engines restarted later; returns the bytes sent."""
+        tensors = self.export_hf(on_device=True)
+        if tensors is None:
+            return 0
+        self._held = (version, tensors)
+        return send_buckets(self._sender().groups[group_name], layout, tensors)
+
+    def held_weights(self, version: int) -> dict[str, torch.Tensor]:
+        """Rank 0: a host copy of the weights last broadcast, which must be `version`."""
+        if self._held is None or self._held[0] != version:
+            held = None if self._held is None else self._held[0]
+            raise RuntimeError(f"learner rank 0 holds the weights of version {held}, not {version}")
+        return {name: t.cpu() for name, t in self._held[1].items()}
 
     def save_state(self, path: str) -> None:
         """Write this rank's state into an iteration directory (every rank must call this)."""

@@ -186,6 +186,9 @@ class InferenceConfig(Section, kw_only=True):
     attn_implementation: Literal["sdpa", "eager"] = "sdpa"
     # The weight push travels in buckets of at most this many bytes (a larger tensor travels alone).
     update_weight_buffer_size: int = 512 * 2**20
+    # How the push travels to embedded engines: "auto" (CUDA IPC on a shared GPU, NCCL broadcast between
+    # GPUs, else Ray's object store), or one of them ("broadcast" on CPUs uses gloo).
+    weight_transfer: Literal["auto", "object_store", "cuda_ipc", "broadcast"] = "auto"
     # backend = "sglang" (docs/sglang.md): GPUs for rollout and per server (its tp_size), or servers
     # started elsewhere (engine_urls, optionally behind router_url); [inference.sglang] is forwarded.
     num_gpus: int | None = None

@@ -31,6 +31,7 @@ from engine.cuda_ipc import SharedBucket
 from engine.rollout.config import InferenceConfig
 from engine.rollout.engine_choice import build_engine
 from engine.rollout.hf_engine import DecodeBatch
+from engine.weight_broadcast import LearnerHeld, receive_buckets
 from engine.wire import GenerateRequest, GenerateResult
 
 if TYPE_CHECKING:
@@ -126,6 +127,9 @@ class EmbeddedEngineActor:
         self._runner: asyncio.Task | None = None
         self.busy_s = 0.0
         self.sleeps = 0
+        self._weight_groups: dict[
+            str, Any
+        ] = {}  # broadcast weight groups joined (engine/weight_broadcast.py)
         self._awake = asyncio.Event()  # cleared while asleep (colocated mode: the learner trains)
         self._awake.set()
         self._idle = asyncio.Event()  # set whenever no batch is decoding
@@ -209,6 +213,8 @@ class EmbeddedEngineActor:
         if isinstance(named, list):
             staged: dict[str, torch.Tensor] = {}
             for bucket in named:
+                if isinstance(bucket, LearnerHeld):  # a restarted engine: the broadcast push's weights
+                    bucket = bucket.fetch()
                 if isinstance(bucket, ray.ObjectRef):
                     bucket = await bucket
                 # a CUDA IPC bucket maps the learner's GPU memory (engine/cuda_ipc.py): no host copy
@@ -223,6 +229,28 @@ class EmbeddedEngineActor:
         wake.set()
         await future
         return self.engine.version
+
+    async def join_weight_group(
+        self, address: str, port: int, rank: int, world: int, name: str, backend: str
+    ) -> None:
+        """Join learner rank 0's weight group (engine/weight_broadcast.py) as `rank`."""
+        from engine.rollout.sglang.weight_group import join_group
+
+        self._weight_groups[name] = await asyncio.to_thread(
+            join_group, address, port, rank, world, name, backend
+        )
+
+    async def leave_weight_group(self, name: str) -> None:
+        group = self._weight_groups.pop(name, None)
+        if group is not None:
+            torch.distributed.destroy_process_group(group)
+
+    async def receive_weights(self, name: str, layout: list[Any], version: int, mode: WeightMode) -> int:
+        """Receive a broadcast push (every bucket, in order, off the event loop), then apply it as
+        update_weights does."""
+        group = self._weight_groups[name]
+        named = await asyncio.to_thread(receive_buckets, group, layout, self.engine.device)
+        return await self.update_weights(named, version, mode)
 
     async def sleep(self) -> None:
         """Colocated mode, before training: let the running batch finish, start no new one, and give the

@@ -15,7 +15,6 @@ import asyncio
 import importlib.util
 import os
 import signal
-import socket
 import subprocess
 import tempfile
 import time
@@ -25,6 +24,7 @@ from typing import Any
 import msgspec
 import ray
 
+from engine.cluster import free_port
 from engine.errors import EngineError
 from engine.rollout.sglang.http import ServerDown, ServerError, SglangHttp
 from engine.rollout.sglang.server_args import server_command
@@ -45,12 +45,6 @@ class ServerSpec(msgspec.Struct, frozen=True, kw_only=True):
     launcher: list[str] | None = None
     # A server started elsewhere: no process is started; recovery waits for it to answer again.
     external_url: str | None = None
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("", 0))
-        return s.getsockname()[1]
 
 
 def node_address() -> str:
@@ -93,7 +87,7 @@ class SglangServerActor:
                     "not importable in the Ray workers' Python: install it (pip install sglang==0.5.9) "
                     "on the GPU nodes, or point inference.engine_urls at servers started elsewhere"
                 )
-            port = free_port()
+            port = free_port("")
             cmd = self.command(port, version)
             with open(self._log, "ab") as log:
                 self._proc = subprocess.Popen(

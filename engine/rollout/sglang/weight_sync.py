@@ -21,21 +21,15 @@ weights back as tensors (/update_weights_from_tensor: CUDA IPC handles, no copy 
 from __future__ import annotations
 
 import logging
-import socket
 from typing import Any
 
 import ray
 
+from engine.cluster import free_port
 from engine.errors import EngineError
 from engine.rollout.sglang.tensors import serialize_named_tensors
 
 log = logging.getLogger(__name__)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("", 0))
-        return s.getsockname()[1]
 
 
 class SglangWeightSync:
@@ -67,7 +61,7 @@ class SglangWeightSync:
         self._groups += 1
         name = f"engine_weights_{self._groups}"
         address = ray.util.get_node_ip_address()
-        port = free_port()
+        port = free_port("")
         world = 1 + sum(self.tp_sizes)
         joins = [self.sender.join_weight_group.remote(address, port, world, name, self.backend)]
         offset = 1
