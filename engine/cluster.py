@@ -86,6 +86,23 @@ def gpu_uuid() -> str | None:
     return str(torch.cuda.get_device_properties(0).uuid) if torch.cuda.is_available() else None
 
 
+def gpu_memory(reset: bool = False) -> dict[str, float]:
+    """This process' GPU memory in GiB: allocated now, the peak since the last reset, reserved by the
+    allocator ({} without CUDA); reset starts a new peak."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return {}
+    out = {
+        "allocated_gib": torch.cuda.memory_allocated() / 2**30,
+        "peak_gib": torch.cuda.max_memory_allocated() / 2**30,
+        "reserved_gib": torch.cuda.memory_reserved() / 2**30,
+    }
+    if reset:
+        torch.cuda.reset_peak_memory_stats()
+    return out
+
+
 @contextlib.contextmanager
 def ray_session(cfg: ClusterConfig, *, log_to_driver: bool = True) -> Iterator[None]:
     """Start (or join) Ray for the duration of the block; shut it down on every exit path."""

@@ -55,18 +55,6 @@ def check_eval_datasets(config: Config) -> None:
             raise ConfigError(f"{path!r} {what}", section="eval", key=f"datasets.{name}")
 
 
-def check_callable(path: str, section: str, key: str) -> None:
-    """An import path in the config must name something callable; the error names section and key."""
-    from engine.rollout.rewards import load_object
-
-    try:
-        fn = load_object(path)
-    except ConfigError as e:
-        raise ConfigError(e.message, section=section, key=key) from None
-    if not callable(fn):
-        raise ConfigError(f"{path!r} is not callable", section=section, key=key)
-
-
 def prepare(config_path: str, overrides: list[str]) -> tuple[Config, list, dict, int, Start]:
     """Everything that can fail on bad input, before any actor exists."""
     import torch
@@ -91,8 +79,6 @@ def prepare(config_path: str, overrides: list[str]) -> tuple[Config, list, dict,
     check_trainable(shape.moe, tp=tp)
     layers_per_stage(shape, config.perf.pipeline_model_parallel_size)
     resolve_reward(config.rollout.rm_type, config.rollout.custom_rm_path)
-    if config.algo.custom_loss_function_path:
-        check_callable(config.algo.custom_loss_function_path, "algo", "custom_loss_function_path")
     preflight(config)  # import paths, rm_url and the sample stream's keys, checked and logged
     try:
         tokenizer = AutoTokenizer.from_pretrained(config.ckpt.hf_checkpoint)

@@ -26,7 +26,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state as mpu
 
 from engine.checkpoint import is_iteration
-from engine.cluster import gpu_uuid, pin_to_core
+from engine.cluster import gpu_memory, gpu_uuid, pin_to_core
 from engine.cuda_ipc import SharedBuckets
 from engine.errors import ConfigError
 from engine.hf_config import load_hf_config, torch_dtype
@@ -194,17 +194,8 @@ class LearnerWorker(WeightsOut):
             self.critic.optimizer.reload()
 
     def memory(self, reset: bool = False) -> dict[str, float]:
-        """GPU memory of this rank in GiB: allocated now and the peak since the last reset ({} on the CPU)."""
-        if self.device.type != "cuda":
-            return {}
-        out = {
-            "allocated_gib": torch.cuda.memory_allocated() / 2**30,
-            "peak_gib": torch.cuda.max_memory_allocated() / 2**30,
-            "reserved_gib": torch.cuda.memory_reserved() / 2**30,
-        }
-        if reset:
-            torch.cuda.reset_peak_memory_stats()
-        return out
+        """This rank's GPU memory (engine.cluster.gpu_memory; {} on the CPU)."""
+        return gpu_memory(reset) if self.device.type == "cuda" else {}
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.model.parameters())

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import ray
 import torch
 
-from engine.cluster import gpu_uuid, pin_to_core
+from engine.cluster import gpu_memory, gpu_uuid, pin_to_core
 from engine.cuda_ipc import SharedBucket
 from engine.rollout.config import InferenceConfig
 from engine.rollout.engine_choice import build_engine
@@ -267,17 +267,8 @@ class EmbeddedEngineActor:
         self._check_running().set()
 
     async def memory(self, reset: bool = False) -> dict[str, float]:
-        """This engine's GPU memory in GiB: allocated now and the peak since the last reset ({} on CPU)."""
-        if not torch.cuda.is_available():
-            return {}
-        out = {
-            "allocated_gib": torch.cuda.memory_allocated() / 2**30,
-            "peak_gib": torch.cuda.max_memory_allocated() / 2**30,
-            "reserved_gib": torch.cuda.memory_reserved() / 2**30,
-        }
-        if reset:
-            torch.cuda.reset_peak_memory_stats()
-        return out
+        """This engine's GPU memory (engine.cluster.gpu_memory; {} on the CPU)."""
+        return gpu_memory(reset)
 
     async def state_dict(self) -> dict[str, torch.Tensor]:
         """A host copy of the engine's weights under its model's names."""
