@@ -10,9 +10,11 @@ its optimizer state while the engine decodes).
 
 samples/s counts the steps after the first --skip (warm-up: compilation, allocator growth); GPU busy is
 nvidia-smi's utilization.gpu (share of time a kernel was running), sampled every 100 ms over the same
-steps. Per-phase memory comes from the run's memory/* metrics (colocated mode).
+steps. Per-phase memory comes from the run's memory/* metrics (colocated mode). With --trl, TRL's
+GRPOTrainer runs first on the same checkpoint, task and sample count (bench/trl_gpu.py), and every mode
+is reported as its samples/s over TRL's, measured in the same run.
 
-    python -m bench.e2e_gpu [--modes sync async1 async2 colocated] [--steps 8] [--out DIR]
+    python -m bench.e2e_gpu [--modes sync async1 async2 colocated] [--steps 8] [--trl] [--out DIR]
 """
 
 from __future__ import annotations
@@ -122,6 +124,16 @@ def run(mode: str, model: Path, out: Path, args: argparse.Namespace, sampler: Gp
     }
 
 
+def run_trl(model: Path, args: argparse.Namespace) -> dict[str, Any]:
+    """TRL's GRPOTrainer on the same checkpoint (bench/trl_gpu.py, in a process of its own)."""
+    cmd = [sys.executable, "-m", "bench.trl_gpu", f"--model={model}", f"--steps={args.trl_steps}"]
+    cmd += ["--skip=1", f"--response-len={args.response_len}"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    if proc.returncode:
+        return {"error": proc.stderr[-3000:]}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES))
@@ -132,6 +144,8 @@ def main() -> None:
     parser.add_argument("--micro-batch", type=int, default=64, help="perf.micro_batch_size")
     parser.add_argument("--context-length", type=int, default=512, help="inference.context_length")
     parser.add_argument("--extra", nargs="*", default=[], help="more config overrides for every mode")
+    parser.add_argument("--trl", action="store_true", help="also TRL's GRPOTrainer (bench/trl_gpu.py)")
+    parser.add_argument("--trl-steps", type=int, default=4)
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
 
@@ -144,6 +158,9 @@ def main() -> None:
     try:
         with tempfile.TemporaryDirectory() as tmp:
             model = make_model(args.shape, Path(tmp) / "model")
+            if args.trl:
+                payload["trl"] = run_trl(model, args)
+                print(json.dumps(payload["trl"]), flush=True)
             for mode in args.modes:
                 r = run(mode, model, Path(tmp) / "runs", args, sampler)
                 payload["results"].append(r)
@@ -158,8 +175,22 @@ def main() -> None:
                 base = next((x for x in payload["results"] if x["mode"] == "sync" and "error" not in x), None)
                 if base:
                     r["speedup_over_sync"] = round(r["samples_per_s"] / base["samples_per_s"], 3)
+                trl = payload.get("trl", {}).get("samples_per_s")
+                if trl:
+                    r["over_trl"] = round(r["samples_per_s"] / trl, 2)
+                rows[-1].append(r.get("over_trl"))
                 table = markdown_table(
-                    ["mode", "samples/s", "tokens/s", "GPU busy", "train s", "learner wait s", "push s"], rows
+                    [
+                        "mode",
+                        "samples/s",
+                        "tokens/s",
+                        "GPU busy",
+                        "train s",
+                        "learner wait s",
+                        "push s",
+                        "/ TRL",
+                    ],
+                    rows,
                 )
                 write(args.out, f"e2e_{(name or 'cpu').split()[-1].lower()}", payload, table)
     finally:
