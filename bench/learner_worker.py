@@ -99,21 +99,27 @@ def perf_for(variant: str, seq: int, micro_tokens: int) -> Any:
     )
 
 
-def run_variant(ckpt: Path, variant: str, args: argparse.Namespace, samples_ref: Any, n: int) -> dict:
+def bench_spec(ckpt: Path, perf: Any, total_steps: int) -> Any:
+    """The benchmarks' learner: bf16 on a GPU (float32 on the CPU), GRPO, Adam at lr 1e-6, seed 0."""
     from engine.learner.config import AlgoConfig, CkptConfig, LearnerSpec, ModelConfig, OptimizerConfig
-    from engine.learner.group import LearnerGroup
 
-    spec = LearnerSpec(
+    return LearnerSpec(
         model=ModelConfig(params_dtype="bfloat16" if torch.cuda.is_available() else "float32"),
         ckpt=CkptConfig(hf_checkpoint=str(ckpt)),
-        perf=perf_for(variant, args.seq, args.micro_tokens),
+        perf=perf,
         algo=AlgoConfig(),
         optimizer=OptimizerConfig(lr=1e-6),
         temperature=1.0,
-        total_steps=args.warmup + args.steps,
+        total_steps=total_steps,
         seed=0,
         threads=4,
     )
+
+
+def run_variant(ckpt: Path, variant: str, args: argparse.Namespace, samples_ref: Any, n: int) -> dict:
+    from engine.learner.group import LearnerGroup
+
+    spec = bench_spec(ckpt, perf_for(variant, args.seq, args.micro_tokens), args.warmup + args.steps)
     t0 = time.perf_counter()
     group = LearnerGroup(1, spec)
     out: dict[str, Any] = {"variant": variant, "build_s": round(time.perf_counter() - t0, 1), **group.info[0]}

@@ -30,37 +30,20 @@ import torch
 from bench.common import RESULTS, markdown_table
 from bench.gpu_report import write
 from bench.learner_gpu import gpu_name
-from bench.learner_worker import write_checkpoint
+from bench.learner_worker import bench_spec, write_checkpoint
 
 
 def build(ckpt: Path, share: float) -> tuple[Any, Any]:
     import ray
 
     from engine.cluster import actor_options, gpus_per_actor
-    from engine.learner.config import (
-        AlgoConfig,
-        CkptConfig,
-        LearnerSpec,
-        ModelConfig,
-        OptimizerConfig,
-        PerfConfig,
-    )
+    from engine.learner.config import PerfConfig
     from engine.learner.group import LearnerGroup
     from engine.rollout.config import InferenceConfig
     from engine.rollout.engines import EmbeddedEngineActor
 
     dtype = "bfloat16" if torch.cuda.is_available() else "float32"
-    spec = LearnerSpec(
-        model=ModelConfig(params_dtype=dtype),
-        ckpt=CkptConfig(hf_checkpoint=str(ckpt)),
-        perf=PerfConfig(),
-        algo=AlgoConfig(),
-        optimizer=OptimizerConfig(),
-        temperature=1.0,
-        total_steps=10,
-        seed=0,
-        threads=4,
-    )
+    spec = bench_spec(ckpt, PerfConfig(), total_steps=10)
     learner = LearnerGroup(1, spec, gpu_share=share)
     engine = (
         ray.remote(EmbeddedEngineActor)

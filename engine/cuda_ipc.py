@@ -4,8 +4,8 @@ Guarantee: `share(tensors, max_bytes)` lays HF-named GPU tensors, in order, into
 their GPU (each at most max_bytes, a larger tensor alone; every tensor at a 256-byte aligned offset) and
 returns one picklable `SharedBucket` per buffer. In another process on the same GPU, `SharedBucket.open()`
 gives back the same named tensors (same dtypes, shapes and values) as views of the sender's memory: no
-byte goes through the host. They stay valid while the sender holds the buffers (`SharedBuckets.keep`)
-and torch's CUDA IPC reference counting keeps a buffer alive while a receiver still maps it.
+byte goes through the host. They stay valid while the sender holds the buffers (SharedBuckets keeps the
+last two pushes') and torch's CUDA IPC reference counting keeps a buffer alive while a receiver maps it.
 
 Ray carries a SharedBucket as a small message (the IPC handle and a table of names, dtypes, shapes and
 offsets); the tensors themselves never leave the GPU.
@@ -36,10 +36,6 @@ class SharedBucket:
 
     handle: tuple[Any, tuple]  # torch.multiprocessing.reductions.reduce_tensor of the buffer
     entries: tuple[Entry, ...]
-
-    @property
-    def nbytes(self) -> int:
-        return sum(e.nbytes for e in self.entries)
 
     def open(self) -> dict[str, torch.Tensor]:
         """The bucket's tensors, mapped from the sender's GPU memory (call in the receiving process)."""
@@ -107,6 +103,3 @@ class SharedBuckets:
         torch.cuda.current_stream().synchronize()  # the copies are done before anyone maps the buffers
         self._kept = [*self._kept[-1:], buffers]
         return out
-
-    def release(self) -> None:
-        self._kept.clear()
