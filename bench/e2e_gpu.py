@@ -1,18 +1,21 @@
-"""The whole loop on one GPU: samples/s and GPU busy fraction for sync, async and colocated training.
+"""The whole loop on one or two GPUs: samples/s and GPU busy fraction for sync, async and colocated training.
 
 Runs `python -m engine.launch configs/quickstart.toml` (the arithmetic task: verifiable math rewards)
 with the model replaced by a random Qwen2.5-0.5B-shaped checkpoint (bench/learner_worker.py) that uses
 the task's character tokenizer, in bf16: 32 prompts x 8 samples = 256 samples per step, responses up to
---response-len tokens (a random model rarely stops early). Learner (Megatron, distributed optimizer) and
-embedded engine share the GPU; weights move by CUDA IPC. Modes: sync (max_staleness 0), async k = 1 and
-k = 2, and colocated (sync; the engine releases its caches while the learner trains, the learner offloads
-its optimizer state while the engine decodes).
+--response-len tokens (a random model rarely stops early). On one GPU the learner (Megatron, distributed
+optimizer) and the embedded engine share it and weights move by CUDA IPC; with two GPUs visible they
+take one each (disaggregated) and weights move by NCCL broadcast (engine/gpu_plan.py decides both).
+Modes: sync (max_staleness 0), async k = 1 and k = 2, and colocated (sync; the engine releases its
+caches while the learner trains, the learner offloads its optimizer state while the engine decodes).
+Each mode also reports the bound the sync run sets for it: async can at best hide the shorter of rollout
+and training, so (rollout + train) / max(rollout, train) of the sync run is the most it can gain.
 
 samples/s counts the steps after the first --skip (warm-up: compilation, allocator growth); GPU busy is
 nvidia-smi's utilization.gpu (share of time a kernel was running), sampled every 100 ms over the same
-steps. Per-phase memory comes from the run's memory/* metrics (colocated mode). With --trl, TRL's
-GRPOTrainer runs first on the same checkpoint, task and sample count (bench/trl_gpu.py), and every mode
-is reported as its samples/s over TRL's, measured in the same run.
+steps (the mean over the GPUs, and each GPU's). Per-phase memory comes from the run's memory/* metrics
+(colocated mode). With --trl, TRL's GRPOTrainer runs first on the same checkpoint, task and sample count
+(bench/trl_gpu.py), and every mode is reported as its samples/s over TRL's, measured in the same run.
 
     python -m bench.e2e_gpu [--modes sync async1 async2 colocated] [--steps 8] [--trl] [--out DIR]
 """
@@ -21,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import statistics
 import subprocess
@@ -45,13 +49,16 @@ MODES = {
 
 
 class GpuSampler:
-    """nvidia-smi utilization.gpu every 100 ms in a background thread, with wall-clock stamps."""
+    """nvidia-smi utilization.gpu of every GPU every 100 ms in a background thread, with wall-clock stamps."""
 
     def __init__(self) -> None:
-        self.samples: list[tuple[float, float]] = []
+        self.samples: list[tuple[float, int, float]] = []
         self._proc: subprocess.Popen | None = None
         if shutil.which("nvidia-smi"):
-            query = ["--query-gpu=utilization.gpu", "--format=csv,noheader,nounits", "-lms", "100"]
+            query = ["--query-gpu=index,utilization.gpu", "--format=csv,noheader,nounits", "-lms", "100"]
+            visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+            if visible:  # nvidia-smi ignores it: read only the GPUs this run can use
+                query += ["-i", visible]
             cmd = ["nvidia-smi", *query]
             self._proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
             threading.Thread(target=self._read, daemon=True).start()
@@ -60,17 +67,32 @@ class GpuSampler:
         assert self._proc is not None and self._proc.stdout is not None
         for line in self._proc.stdout:
             try:
-                self.samples.append((time.time(), float(line.split(",")[0])))
+                index, util = line.split(",")[:2]
+                self.samples.append((time.time(), int(index), float(util)))
             except ValueError:
                 continue
 
+    def per_gpu(self, start: float, end: float) -> dict[int, float]:
+        """Each GPU's mean busy fraction over [start, end]."""
+        by_gpu: dict[int, list[float]] = {}
+        for t, index, util in self.samples:
+            if start <= t <= end:
+                by_gpu.setdefault(index, []).append(util / 100)
+        return {i: statistics.mean(v) for i, v in sorted(by_gpu.items())}
+
     def mean(self, start: float, end: float) -> float | None:
-        values = [u for t, u in self.samples if start <= t <= end]
-        return statistics.mean(values) / 100 if values else None
+        per = self.per_gpu(start, end)
+        return statistics.mean(per.values()) if per else None
 
     def stop(self) -> None:
         if self._proc is not None:
             self._proc.terminate()
+
+
+def gpu_count() -> int:
+    import torch
+
+    return torch.cuda.device_count()
 
 
 def make_model(shape: str, root: Path) -> Path:
@@ -113,6 +135,7 @@ def run(mode: str, model: Path, out: Path, args: argparse.Namespace, sampler: Gp
         "samples_per_s": round(samples / wall, 2),
         "tokens_per_s": round(tokens / wall, 1),
         "gpu_busy": sampler.mean(start, end),
+        "gpu_busy_per_gpu": {str(i): round(u, 3) for i, u in sampler.per_gpu(start, end).items()},
         "train_s": round(sum(r["time/train"] for r in timed), 2),
         "rollout_wait_s": round(sum(r["time/rollout_wait"] for r in timed), 2),
         "weight_sync_s": round(sum(r["time/weight_sync"] for r in timed), 3),
@@ -147,10 +170,14 @@ def main() -> None:
     parser.add_argument("--trl", action="store_true", help="also TRL's GRPOTrainer (bench/trl_gpu.py)")
     parser.add_argument("--trl-steps", type=int, default=4)
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--tag", default="", help="suffix of the results' file name")
     args = parser.parse_args()
 
     name = gpu_name()
-    payload: dict[str, Any] = {"gpu": name, "settings": {k: str(v) for k, v in vars(args).items()}}
+    gpus = gpu_count()
+    placement = "learner and engine on one GPU" if gpus < 2 else "learner and engine on a GPU each"
+    payload: dict[str, Any] = {"gpu": name, "gpus": gpus, "placement": placement}
+    payload["settings"] = {k: str(v) for k, v in vars(args).items()}
     payload["results"] = []
     rows: list[list[Any]] = []
     table = "(no mode ran)"
@@ -175,6 +202,9 @@ def main() -> None:
                 base = next((x for x in payload["results"] if x["mode"] == "sync" and "error" not in x), None)
                 if base:
                     r["speedup_over_sync"] = round(r["samples_per_s"] / base["samples_per_s"], 3)
+                    rollout, train = base["rollout_wait_s"], base["train_s"]
+                    r["async_bound"] = round((rollout + train) / max(rollout, train, 1e-9), 3)
+                rows[-1] += [r.get("speedup_over_sync"), r.get("async_bound")]
                 trl = payload.get("trl", {}).get("samples_per_s")
                 if trl:
                     r["over_trl"] = round(r["samples_per_s"] / trl, 2)
@@ -188,11 +218,16 @@ def main() -> None:
                         "train s",
                         "learner wait s",
                         "push s",
+                        "/ sync",
+                        "bound",
                         "/ TRL",
                     ],
                     rows,
                 )
-                write(args.out, f"e2e_{(name or 'cpu').split()[-1].lower()}", payload, table)
+                suffix = f"_x{gpus}" if gpus > 1 else ""
+                write(
+                    args.out, f"e2e_{(name or 'cpu').split()[-1].lower()}{suffix}{args.tag}", payload, table
+                )
     finally:
         sampler.stop()
     print(table)

@@ -11,9 +11,14 @@ Variants (all bf16, SDPA attention): "padded" (micro_batch_size = micro_tokens /
 (use_dynamic_batch_size, max_tokens_per_gpu = micro_tokens), each also with perf.torch_compile.
 Each does --warmup untimed train calls, then --steps timed ones (one optimizer step on step_tokens tokens
 each); the median wall time of the call (Ray call included) gives tokens/s; MFU uses bench/learner_gpu.py's
-FLOPs per token and the bf16 matmul rate measured in the same run.
+FLOPs per token and the bf16 matmul rate measured in the same run, per GPU.
 
-    python -m bench.learner_worker [--shapes 0.5b 1.5b] [--seq 2048] [--variants ...] [--out DIR]
+With --tp 1 2, each variant also runs with tensor parallel size 2 (two ranks, a GPU each, NCCL): the
+first step's metrics (loss, token entropy, gradient norm) come from the same weights and samples before
+any update, so they are reported next to TP = 1's as the check that the sharded model computes the same
+thing (the GRPO loss itself is 0 there: advantages sum to zero per group and the ratio is 1).
+
+    python -m bench.learner_worker [--shapes 0.5b 1.5b] [--seq 2048] [--variants ...] [--tp 1 2] [--out DIR]
 """
 
 from __future__ import annotations
@@ -89,14 +94,13 @@ def rollout(num: int, seq: int, vocab: int, prompt: int = 128, group: int = 8) -
     return out
 
 
-def perf_for(variant: str, seq: int, micro_tokens: int) -> Any:
+def perf_for(variant: str, seq: int, micro_tokens: int, tp: int = 1) -> Any:
     from engine.learner.config import PerfConfig
 
+    common = {"torch_compile": "compiled" in variant, "tensor_model_parallel_size": tp}
     if variant.startswith("padded"):
-        return PerfConfig(micro_batch_size=max(1, micro_tokens // seq), torch_compile="compiled" in variant)
-    return PerfConfig(
-        use_dynamic_batch_size=True, max_tokens_per_gpu=micro_tokens, torch_compile="compiled" in variant
-    )
+        return PerfConfig(micro_batch_size=max(1, micro_tokens // seq), **common)
+    return PerfConfig(use_dynamic_batch_size=True, max_tokens_per_gpu=micro_tokens, **common)
 
 
 def bench_spec(ckpt: Path, perf: Any, total_steps: int) -> Any:
@@ -116,16 +120,20 @@ def bench_spec(ckpt: Path, perf: Any, total_steps: int) -> Any:
     )
 
 
-def run_variant(ckpt: Path, variant: str, args: argparse.Namespace, samples_ref: Any, n: int) -> dict:
+def run_variant(
+    ckpt: Path, variant: str, args: argparse.Namespace, samples_ref: Any, n: int, tp: int = 1
+) -> dict:
     from engine.learner.group import LearnerGroup
 
-    spec = bench_spec(ckpt, perf_for(variant, args.seq, args.micro_tokens), args.warmup + args.steps)
+    spec = bench_spec(ckpt, perf_for(variant, args.seq, args.micro_tokens, tp), args.warmup + args.steps)
     t0 = time.perf_counter()
-    group = LearnerGroup(1, spec)
+    group = LearnerGroup(tp, spec)
     out: dict[str, Any] = {"variant": variant, "build_s": round(time.perf_counter() - t0, 1), **group.info[0]}
     try:
-        for _ in range(args.warmup):
-            group.train(samples_ref, 1)
+        for k in range(max(1, args.warmup)):
+            first = group.train(samples_ref, 1)[0]
+            if k == 0:  # before any update: TP = 1 and TP = 2 must agree here
+                out["first_step"] = {k: first[k] for k in ("loss", "entropy", "grad_norm") if k in first}
         group._all("memory", True)
         times, metrics = [], []
         for _ in range(args.steps):
@@ -155,8 +163,12 @@ def main() -> None:
     parser.add_argument("--micro-tokens", type=int, default=16384)
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
     parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument(
+        "--tp", type=int, nargs="+", default=[1], help="tensor parallel sizes (a GPU per rank)"
+    )
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--tag", default="", help="suffix of the results' file name (e.g. _tp2)")
     args = parser.parse_args()
 
     import ray
@@ -169,7 +181,8 @@ def main() -> None:
     peaks = {"measured": mm["best_tflops"] if mm else None, "nominal": nominal_tflops(name)}
     print(f"device: {name or 'cpu'}; matmul: {mm}", flush=True)
     payload: dict[str, Any] = {"gpu": name, "matmul": mm, "nominal_tflops": peaks["nominal"], "results": []}
-    rows = []
+    rows: list[list[Any]] = []
+    table = "(no variant ran)"
     ray.init(include_dashboard=False, log_to_driver=False)
     try:
         for shape in args.shapes:
@@ -179,13 +192,34 @@ def main() -> None:
                 flops = flops_per_token(s, args.seq, non_embedding)
                 n = max(1, args.step_tokens // args.seq)
                 samples_ref = ray.put(rollout(n, args.seq, config.vocab_size))
-                for variant in args.variants:
-                    r = {"shape": shape, "seq": args.seq, "samples_per_step": n}
-                    r.update(run_variant(Path(tmp), variant, args, samples_ref, n))
-                    tflops = r["tokens_per_s"] * flops["total"] / 1e12
+                for variant, tp in [(v, t) for v in args.variants for t in args.tp]:
+                    r = {"shape": shape, "seq": args.seq, "samples_per_step": n, "tp": tp}
+                    try:
+                        r.update(run_variant(Path(tmp), variant, args, samples_ref, n, tp))
+                    except Exception as exc:  # recorded in the results, the other variants still run
+                        r["error"] = f"{type(exc).__name__}: {exc}"[-3000:]
+                        payload["results"].append(r)
+                        print(json.dumps(r), flush=True)
+                        write(
+                            args.out,
+                            f"learner_worker_{part.group(0).lower() if part else 'cpu'}{args.tag}",
+                            payload,
+                            "",
+                        )
+                        continue
+                    tflops = r["tokens_per_s"] * flops["total"] / 1e12 / tp  # per GPU
                     r["model_tflops"] = round(tflops, 1)
                     r["mfu_measured"] = round(tflops / peaks["measured"], 4) if peaks["measured"] else None
                     r["mfu_nominal"] = round(tflops / peaks["nominal"], 4) if peaks["nominal"] else None
+                    base = next(
+                        (x for x in payload["results"] if x["shape"] == shape and x["variant"] == variant),
+                        None,
+                    )
+                    if tp > 1 and base is not None and base["tp"] == 1:
+                        r["first_step_rel_diff_vs_tp1"] = {
+                            k: abs(v - base["first_step"][k]) / max(abs(base["first_step"][k]), 1e-12)
+                            for k, v in r["first_step"].items()
+                        }
                     payload["results"].append(r)
                     print(json.dumps(r), flush=True)
                     peak = r.get("memory", {}).get("peak_gib")
@@ -193,28 +227,34 @@ def main() -> None:
                         [
                             shape,
                             variant,
+                            tp,
                             r["tokens_per_s"],
                             r["model_tflops"],
                             r["mfu_measured"],
                             r["mfu_nominal"],
                             r["step_s"],
                             None if peak is None else round(peak, 1),
+                            f"{r['first_step'].get('entropy', float('nan')):.6g}",
+                            f"{r['first_step']['grad_norm']:.6g}",
                         ]
                     )
                     table = markdown_table(
                         [
                             "shape",
                             "variant",
+                            "TP",
                             "tokens/s",
-                            "TFLOP/s",
+                            "TFLOP/s / GPU",
                             "MFU (measured)",
                             "MFU (nominal)",
                             "step s",
                             "peak GiB",
+                            "first-step entropy",
+                            "first-step grad norm",
                         ],
                         rows,
                     )
-                    out = f"learner_worker_{part.group(0).lower() if part else 'cpu'}"
+                    out = f"learner_worker_{part.group(0).lower() if part else 'cpu'}{args.tag}"
                     write(args.out, out, payload, table)
     finally:
         ray.shutdown()

@@ -5,20 +5,21 @@ and slot reuse behave as the engine contract says (CPU, eager). CUDA-graph repla
 from __future__ import annotations
 
 import asyncio
+import inspect
 
 import numpy as np
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, DynamicCache
 
-from engine.errors import ConfigError
+from engine.errors import ConfigError, EngineError
 from engine.hf_config import load_hf_config
 from engine.rollout.config import InferenceConfig
 from engine.rollout.dense_forward import DenseForward
 from engine.rollout.device_sampling import as_int64_seeds, device_uniforms
 from engine.rollout.engine_choice import build_engine
 from engine.rollout.engines import EmbeddedEngineActor
-from engine.rollout.hf_engine import HFEngine
+from engine.rollout.hf_engine import HFEngine, cache_kwarg
 from engine.rollout.kv_cache import SlotCache
 from engine.rollout.sampling import position_uniforms
 from engine.rollout.static_engine import StaticEngine
@@ -400,3 +401,23 @@ def test_released_memory_and_recaptured_graphs_decode_as_before(tiny_ckpt) -> No
     assert engine.runner.graphs > 0
     release_resume_round(engine, reqs)
     assert engine.runner.graphs > 0  # captured again on the new cache
+
+
+def test_the_kv_cache_goes_under_the_name_the_installed_transformers_takes(tiny_ckpt) -> None:
+    """transformers renamed forward's `past_key_values` to `cache` in 5.24 and swallows unknown keywords,
+    so the engine must pick the name from the signature (the GPU host has an older release)."""
+
+    class Before(torch.nn.Module):
+        def forward(self, input_ids, past_key_values=None, **kwargs): ...
+
+    class After(torch.nn.Module):
+        def forward(self, input_ids, cache=None, **kwargs): ...
+
+    class Neither(torch.nn.Module):
+        def forward(self, input_ids, **kwargs): ...
+
+    assert cache_kwarg(Before()) == "past_key_values" and cache_kwarg(After()) == "cache"
+    with pytest.raises(EngineError, match="takes neither"):
+        cache_kwarg(Neither())
+    engine = HFEngine(str(tiny_ckpt))
+    assert engine.cache_kw in inspect.signature(engine.model.forward).parameters

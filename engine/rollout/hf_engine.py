@@ -9,6 +9,7 @@ missing or misshapen names.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Mapping
 from typing import Any
 
@@ -46,6 +47,7 @@ class HFEngine:
             model_path, config=self.config, dtype=torch_dtype(dtype), attn_implementation=attn_implementation
         ).to(device)
         self.model.eval()
+        self.cache_kw = cache_kwarg(self.model)
         self.device = torch.device(device)
         self._seeds = np.random.default_rng(seed)
         self.version = 0
@@ -104,6 +106,18 @@ class HFEngine:
         return sorted(results, key=lambda r: order[r.rid])
 
 
+def cache_kwarg(model: torch.nn.Module) -> str:
+    """The name under which the installed transformers' forward takes the KV cache: `cache` from 5.24
+    on, `past_key_values` before. An unknown keyword is swallowed by the model's **kwargs, so passing the
+    wrong one silently decodes without a cache (every step sees one token)."""
+    params = inspect.signature(model.forward).parameters
+    if "cache" in params:
+        return "cache"
+    if "past_key_values" in params:
+        return "past_key_values"
+    raise EngineError(f"{type(model).__name__}.forward takes neither `cache` nor `past_key_values`")
+
+
 class DecodeBatch:
     """Requests decoding together: left-padded prefill, then one token per row per step.
 
@@ -143,11 +157,12 @@ class DecodeBatch:
         self.reasons: list[str | None] = [None if b > 0 else "length" for b in self.budgets]
         self.reported = [False] * n
         self.cache = DynamicCache()
+        self.cache_kw = engine.cache_kw
         out = engine.model(
             input_ids=ids,
             attention_mask=self.attn,
             position_ids=self.positions,
-            cache=self.cache,
+            **{self.cache_kw: self.cache},
             use_cache=True,
             logits_to_keep=1,
         )
@@ -204,7 +219,7 @@ class DecodeBatch:
                 input_ids=toks_t[:, None],
                 attention_mask=self.attn,
                 position_ids=self.positions,
-                cache=self.cache,
+                **{self.cache_kw: self.cache},
                 use_cache=True,
             )
             self.logits = out.logits[:, -1]
