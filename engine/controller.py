@@ -95,6 +95,27 @@ class Trainer:
             )
         )
 
+    def _start_learner(self, share: float, placement: list[dict[str, Any]] | None = None) -> None:
+        c = self.cfg
+        threads = c.cluster.threads()
+        spec = LearnerSpec(
+            model=c.model,
+            # ref_load as plan_start resolved it (a checkpoint directory becomes its latest iteration)
+            ckpt=msgspec.structs.replace(c.ckpt, ref_load=self.start.actor_init),
+            perf=c.perf,
+            algo=c.algo,
+            optimizer=c.optimizer,
+            temperature=c.rollout.temperature,
+            total_steps=self.num_rollout * c.rollout.num_steps_per_rollout,
+            seed=c.seed,
+            threads=threads,
+            first_core=c.inference.num_engines if c.cluster.pin_cores else None,
+            init_from=self.start.actor_init,
+            resume_from=self.start.resume,
+        )
+        self.learner = LearnerGroup(c.cluster.learner_ranks, spec, gpu_share=share, placement=placement)
+        self._actors += self.learner.workers
+
     def build(self) -> None:
         c = self.cfg
         threads = c.cluster.threads()
@@ -170,27 +191,6 @@ class Trainer:
             self.broadcast = BroadcastPush(self.learner, self.engines, size, backend)
         ray.get(self.producer.num_prompts.remote())
         self.prompts, self.eval_sets = [], {}  # the producer holds them now
-
-    def _start_learner(self, share: float, placement: list[dict[str, Any]] | None = None) -> None:
-        c = self.cfg
-        threads = c.cluster.threads()
-        spec = LearnerSpec(
-            model=c.model,
-            # ref_load as plan_start resolved it (a checkpoint directory becomes its latest iteration)
-            ckpt=msgspec.structs.replace(c.ckpt, ref_load=self.start.actor_init),
-            perf=c.perf,
-            algo=c.algo,
-            optimizer=c.optimizer,
-            temperature=c.rollout.temperature,
-            total_steps=self.num_rollout * c.rollout.num_steps_per_rollout,
-            seed=c.seed,
-            threads=threads,
-            first_core=c.inference.num_engines if c.cluster.pin_cores else None,
-            init_from=self.start.actor_init,
-            resume_from=self.start.resume,
-        )
-        self.learner = LearnerGroup(c.cluster.learner_ranks, spec, gpu_share=share, placement=placement)
-        self._actors += self.learner.workers
 
     def _start_buffer(self) -> None:
         c = self.cfg
