@@ -82,6 +82,8 @@ class Trainer:
         self._pushed: Any = []  # the last push's completion (an ObjectRef once a push happened)
         self._applied: list[Any] = []  # the engines' acknowledgements of the last push
         self._weights: list[Any] | None = None  # the last push's weight buckets
+        self._sending: Any = None  # an SGLang push whose broadcast learner rank 0 may still be sending
+        self._placement: Any = None  # colocated SGLang servers' placement group
         self._actors: list[Any] = []
         self.transfer = "object_store"  # set by build (engine/gpu_plan.weight_transfer)
         self.restarts = {"producer": 0, "buffer": 0}
@@ -92,6 +94,27 @@ class Trainer:
                 version=self.version, epoch=0, offset=0, next_seq=0, dropped=0, pending=[], cached=[]
             )
         )
+
+    def _start_learner(self, share: float, placement: list[dict[str, Any]] | None = None) -> None:
+        c = self.cfg
+        threads = c.cluster.threads()
+        spec = LearnerSpec(
+            model=c.model,
+            # ref_load as plan_start resolved it (a checkpoint directory becomes its latest iteration)
+            ckpt=msgspec.structs.replace(c.ckpt, ref_load=self.start.actor_init),
+            perf=c.perf,
+            algo=c.algo,
+            optimizer=c.optimizer,
+            temperature=c.rollout.temperature,
+            total_steps=self.num_rollout * c.rollout.num_steps_per_rollout,
+            seed=c.seed,
+            threads=threads,
+            first_core=c.inference.num_engines if c.cluster.pin_cores else None,
+            init_from=self.start.actor_init,
+            resume_from=self.start.resume,
+        )
+        self.learner = LearnerGroup(c.cluster.learner_ranks, spec, gpu_share=share, placement=placement)
+        self._actors += self.learner.workers
 
     def build(self) -> None:
         c = self.cfg
@@ -105,11 +128,25 @@ class Trainer:
             ray.get(self.buffer.restore_partials.remote(decode_state(resume).cached))
         engine_actor = ray.remote(EmbeddedEngineActor)
         share = gpu_share(c)
+        colocated_servers = c.inference.backend == "sglang" and c.inference.colocate
         if c.inference.backend == "sglang":  # engine/rollout/sglang: servers, endpoints, weight sync
             from engine.rollout.sglang import launch as sglang
 
             self.engines = []
-            self.servers = sglang.start_servers(c.inference, self.start.engine_init, c.cluster.learner_ranks)
+            if colocated_servers:  # the learner first: the servers go on its GPUs, its optimizer on the host
+                from engine.rollout.sglang.colocate import ColocatedPlacement
+
+                self._placement = ColocatedPlacement.create(c.cluster.learner_ranks)
+                self._start_learner(share, self._placement.learner_options(c.cluster.learner_ranks))
+                self.learner.sleep()
+                gpus = [info["gpu_uuid"] for info in self.learner.info]
+                self.servers = sglang.start_colocated_servers(
+                    c.inference, self.start.engine_init, self._placement, gpus
+                )
+            else:
+                self.servers = sglang.start_servers(
+                    c.inference, self.start.engine_init, c.cluster.learner_ranks
+                )
             self._actors += self.servers
             self._clients: list[Any] = sglang.endpoints(c.inference, self.servers)
         else:
@@ -129,31 +166,22 @@ class Trainer:
             self._clients = self.engines
         self._prompt_refs = ray.put(self.prompts), ray.put(self.eval_sets)
         self._start_producer(address, resume)
-        spec = LearnerSpec(
-            model=c.model,
-            # ref_load as plan_start resolved it (a checkpoint directory becomes its latest iteration)
-            ckpt=msgspec.structs.replace(c.ckpt, ref_load=self.start.actor_init),
-            perf=c.perf,
-            algo=c.algo,
-            optimizer=c.optimizer,
-            temperature=c.rollout.temperature,
-            total_steps=self.num_rollout * c.rollout.num_steps_per_rollout,
-            seed=c.seed,
-            threads=threads,
-            first_core=c.inference.num_engines if c.cluster.pin_cores else None,
-            init_from=self.start.actor_init,
-            resume_from=self.start.resume,
-        )
-        self.learner = LearnerGroup(c.cluster.learner_ranks, spec, gpu_share=share)
-        self._actors += self.learner.workers
+        if not colocated_servers:
+            self._start_learner(share)
         if c.inference.backend == "sglang":
             from engine.rollout.sglang.weight_sync import SglangWeightSync
 
             tp = [c.inference.num_gpus_per_engine] * len(self.servers)
             backend = "gloo" if c.inference.sglang.get("device") == "cpu" else "nccl"
-            self.weight_sync = SglangWeightSync(self.servers, tp, self.learner.workers[0], backend=backend)
+            self.weight_sync = SglangWeightSync(
+                self.servers,
+                tp,
+                self.learner.workers[0],
+                backend=backend,
+                keep_host_copy=c.inference.max_server_restarts > 0,
+            )
         ray.get([e.ready.options(max_task_retries=-1).remote() for e in self.engines])
-        if c.inference.colocate:  # the engines decode first: the learner frees its optimizer memory
+        if c.inference.colocate and not colocated_servers:  # the engines decode first: optimizer to host
             self.learner.sleep()
         # CUDA IPC on a shared GPU, NCCL broadcast between GPUs, else the object store (engine/gpu_plan.py)
         self.transfer = weight_transfer(c, self.learner.info[0], self.engines) if self.engines else "sglang"
@@ -326,8 +354,13 @@ class Trainer:
                 t1 = time.perf_counter()
                 metrics.update(phase_memory(self.learner, self.engines, "rollout"))
                 if c.inference.colocate:  # the engines give their caches back while the learner trains
+                    if c.inference.backend == "sglang":
+                        self.weight_sync.release()
                     ray.get([e.sleep.options(max_task_retries=-1).remote() for e in self.engines])
                     self.learner.wake()
+                if self._sending is not None:  # learner rank 0 sends the last SGLang push before training
+                    self.weight_sync.wait_sent(self._sending)
+                    self._sending = None
                 try:
                     train_steps = self.learner.train(samples_ref, c.rollout.num_steps_per_rollout)
                 except RayActorError as e:  # a learner rank died: its state is gone, the run ends
@@ -419,6 +452,9 @@ class Trainer:
         """
         size = self.cfg.inference.update_weight_buffer_size
         mode = self.cfg.rollout.on_weight_update
+        if self.transfer == "sglang":
+            self._push_sglang(version, size, mode)
+            return
         if self.transfer == "broadcast":  # learner rank 0 holds the weights for engines restarted later
             self._settle_push()
             self._applied, held = self.broadcast.push(version, mode)
@@ -429,13 +465,6 @@ class Trainer:
             else:
                 weights = self.learner.export_weight_buckets(size)
             self._settle_push()
-            if self.cfg.inference.backend == "sglang":  # blocks until every server reports the version
-                versions = self.weight_sync.push(ray.get(weights), version, mode)
-                self._pushed = self.producer.set_version.remote(
-                    version, *versions, snapshot=self.cfg.rollout.max_producer_restarts > 0
-                )
-                self.version = version
-                return
             # retried on an engine Ray restarts meanwhile; a repeated update of one version is a no-op
             update = [e.update_weights.options(max_task_retries=-1) for e in self.engines]
             self._applied = [u.remote(weights, version, mode) for u in update]
@@ -447,6 +476,27 @@ class Trainer:
                 weights=weights,
                 snapshot=self.cfg.rollout.max_producer_restarts > 0,
             )
+        else:
+            self._pushed = self._applied
+        self.version = version
+
+    def _push_sglang(self, version: int, size: int, mode: str) -> None:
+        """push_weights for SGLang servers (engine/rollout/sglang/weight_sync.py). Disaggregated, only the
+        export blocks, as on the embedded path; learner rank 0 takes part in the broadcast, which is waited
+        for before it trains again. Colocated (max_staleness = 0: nothing runs meanwhile) the push is done
+        when this returns."""
+        c = self.cfg.inference
+        self._settle_push()
+        if c.colocate:
+            acks: list[Any] = self.weight_sync.push_colocated(self.learner, version, size)
+            self._applied = []
+        else:
+            buckets = ray.get(self.learner.export_weight_buckets(size))
+            self._sending = self.weight_sync.start_push(buckets, version, mode)
+            acks = self._applied = self._sending.applied
+        if self._restart_due is None:
+            snapshot = self.cfg.rollout.max_producer_restarts > 0
+            self._pushed = self.producer.set_version.remote(version, *acks, snapshot=snapshot)
         else:
             self._pushed = self._applied
         self.version = version
@@ -463,3 +513,5 @@ class Trainer:
         for actor in self._actors:
             ray.kill(actor)
         self._actors.clear()
+        if self._placement is not None and self._placement.group is not None:
+            ray.util.remove_placement_group(self._placement.group)

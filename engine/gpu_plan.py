@@ -20,10 +20,13 @@ from engine.errors import ConfigError
 
 def gpu_share(cfg: Config) -> float:
     """The share of a GPU each learner rank and embedded engine asks for (SGLang servers hold GPUs of
-    their own through placement groups, so learner ranks then take a whole one)."""
+    their own through placement groups, so learner ranks then take a whole one, or share theirs with
+    colocated servers: engine/rollout/sglang/colocate.py)."""
     gpus = ray.cluster_resources().get("GPU", 0)
     if cfg.inference.backend == "sglang":
-        return 1.0
+        from engine.rollout.sglang.colocate import SHARE
+
+        return SHARE if cfg.inference.colocate else 1.0
     need = cfg.cluster.learner_ranks + cfg.inference.num_engines
     if not gpus or gpus >= need:
         return 1.0

@@ -13,6 +13,8 @@ import pytest
 from engine.config import load_config
 from engine.errors import ConfigError, EngineError
 from engine.rollout.config import InferenceConfig
+from engine.rollout.sglang.colocate import ColocatedPlacement
+from engine.rollout.sglang.launch import server_spec
 from engine.rollout.sglang.server import ServerSpec, SglangServerActor
 from engine.rollout.sglang.server_args import server_command
 
@@ -62,6 +64,38 @@ def test_command_line_forwards_every_key(tmp_path: Path) -> None:
     check_against_sglang(argv[3:])
 
 
+def test_colocated_command_line(tmp_path: Path) -> None:
+    """Colocated servers get SGLang's memory saver and half the GPU's static memory unless the table
+    says otherwise; the launcher and the GPUs the server sees come from [inference] and the placement."""
+    launcher = "inference.server_launcher=['/opt/sgl/bin/python', '-m', 'sglang.launch_server']"
+    cfg = config(
+        tmp_path, 'dtype = "bfloat16"', "inference.colocate=true", "cluster.learner_ranks=4",
+        "inference.num_gpus_per_engine=2", launcher,
+    ).inference  # fmt: skip
+    gpus = ["GPU-a", "GPU-b", "GPU-c", "GPU-d"]
+    spec = server_spec(cfg, "/m", visible_devices=ColocatedPlacement.visible_devices(1, 2, gpus))
+    assert spec.visible_devices == ["GPU-c", "GPU-d"]  # server 1 spans learner ranks 2 and 3
+    argv = server_command(
+        model_path=spec.model_path, host="10.0.0.2", port=30001, tp_size=spec.tp_size, weight_version=0,
+        args=spec.args, launcher=spec.launcher,
+    )  # fmt: skip
+    assert argv == [
+        "/opt/sgl/bin/python", "-m", "sglang.launch_server",
+        "--model-path", "/m", "--host", "10.0.0.2", "--port", "30001", "--tp-size", "2",
+        "--weight-version", "0", "--enable-memory-saver", "--mem-fraction-static", "0.5",
+        "--dtype", "bfloat16",
+    ]  # fmt: skip
+    check_against_sglang(argv[3:])
+    mine = config(tmp_path, "mem_fraction_static = 0.7", "inference.colocate=true").inference
+    assert server_spec(mine, "/m").args == {"enable_memory_saver": True, "mem_fraction_static": 0.7}
+    assert ColocatedPlacement.visible_devices(0, 1, gpus[:1]) is None  # one GPU: the one Ray gives
+    apart = config(tmp_path, "mem_fraction_static = 0.7").inference  # not colocated: only the table
+    assert (
+        server_spec(apart, "/m").args == {"mem_fraction_static": 0.7}
+        and server_spec(apart, "/m").launcher is None
+    )
+
+
 def test_the_check_catches_a_misspelt_argument() -> None:
     argv = server_command(
         model_path="/m", host="h", port=1, tp_size=1, weight_version=0, args={"mem_fraction_statc": 0.5}
@@ -86,6 +120,11 @@ def test_the_check_catches_a_misspelt_argument() -> None:
         ("", ["inference.num_gpus_per_engine=0"], "num_gpus_per_engine", "> 0"),
         ("", ["inference.colocate=true", "cluster.learner_ranks=4", "inference.num_gpus_per_engine=3"],
          "num_gpus_per_engine", "learner.s 4 GPUs"),
+        ("enable_memory_saver = false", ["inference.colocate=true"], "sglang.enable_memory_saver",
+         "memory saver"),
+        ("", ["inference.server_launcher=['python', ' ']"], "server_launcher[1]", "empty"),
+        ("", ["inference.engine_urls=['http://a:1']", "inference.server_launcher=['x']"], "server_launcher",
+         "started elsewhere"),
     ],
 )  # fmt: skip
 def test_bad_sglang_keys_name_the_key(

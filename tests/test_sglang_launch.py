@@ -1,5 +1,6 @@
 """A short training run end to end with inference.backend = "sglang": two stand-in SGLang servers
-given as engine_urls, the learner pushing weights to them over a gloo weight-update group."""
+given as engine_urls, the learner pushing weights to them over a gloo weight-update group, synchronous
+and with max_staleness = 1 (the push overlapping the next batch's generation)."""
 
 from __future__ import annotations
 
@@ -17,7 +18,8 @@ QUICKSTART = ROOT / "configs" / "quickstart.toml"
 
 
 @pytest.mark.slow
-def test_two_step_run_on_sglang_servers(tmp_path: Path) -> None:
+@pytest.mark.parametrize(("staleness", "mode"), [(0, "continue"), (1, "resume")])
+def test_two_step_run_on_sglang_servers(tmp_path: Path, staleness: int, mode: str) -> None:
     from engine.tasks import resolve_path
 
     model = Path(resolve_path("builtin:arithmetic/model"))
@@ -28,7 +30,8 @@ def test_two_step_run_on_sglang_servers(tmp_path: Path) -> None:
             [sys.executable, "-m", "engine.launch", str(QUICKSTART), f"output_dir={tmp_path}", "run_name=run",
              *SMALL, "rollout.num_rollout=2", "eval.interval=0", "eval.datasets={}",
              "inference.backend=sglang", f"inference.engine_urls=[{urls}]", "inference.sglang={device='cpu'}",
-             "inference.update_weight_buffer_size=65536"],
+             "inference.update_weight_buffer_size=65536", f"rollout.max_staleness={staleness}",
+             f"rollout.on_weight_update={mode}"],
             cwd=ROOT, capture_output=True, text=True, timeout=600,
         )  # fmt: skip
         assert proc.returncode == 0, proc.stderr[-3000:]

@@ -16,16 +16,26 @@ from engine.learner.worker import LearnerWorker
 
 
 class LearnerGroup:
-    def __init__(self, ranks: int, spec: LearnerSpec, gpu_share: float = 1.0) -> None:
+    def __init__(
+        self,
+        ranks: int,
+        spec: LearnerSpec,
+        gpu_share: float = 1.0,
+        placement: list[dict[str, Any]] | None = None,
+    ) -> None:
         """ranks LearnerWorker actors; on a cluster with GPUs each takes gpu_share of one (CUDA, NCCL);
-        gpu_share = 0 keeps them on the CPU (gloo) on any machine."""
+        gpu_share = 0 keeps them on the CPU (gloo) on any machine. `placement`: Ray options per rank
+        (a placement-group bundle and its GPU share) in place of those."""
         master = f"tcp://127.0.0.1:{free_port()}"
         actor = ray.remote(LearnerWorker)
         options = actor_options(num_gpus=gpus_per_actor(gpu_share))
         if gpu_share == 0:
             options["runtime_env"] = {"env_vars": {"CUDA_VISIBLE_DEVICES": ""}}
+        per_rank = placement or [{}] * ranks
         self.workers = [
-            actor.options(**options).remote(rank=rank, world_size=ranks, master=master, spec=spec)
+            actor.options(**{**options, **per_rank[rank]}).remote(
+                rank=rank, world_size=ranks, master=master, spec=spec
+            )
             for rank in range(ranks)
         ]
         self.info: list[dict[str, Any]] = ray.get([w.ready.remote() for w in self.workers])
@@ -68,6 +78,13 @@ class LearnerGroup:
 
     def leave_group(self, name: str) -> Any:
         return self.workers[0].leave_weight_group.remote(name)
+
+    def export_tensor_payloads(self, max_bytes: int, version: int, keep_host_copy: bool) -> list[str]:
+        """Rank 0's /update_weights_from_tensor payloads for colocated SGLang servers (WeightsOut)."""
+        return self._all("export_tensor_payloads", max_bytes, version, keep_host_copy)[0]
+
+    def drop_tensor_payloads(self) -> None:
+        ray.get(self.workers[0].drop_tensor_payloads.remote())
 
     def broadcast_weights(self, name: str, layout: list[Any], version: int) -> None:
         """Every rank exports, rank 0 broadcasts (returns once rank 0 has sent every bucket)."""

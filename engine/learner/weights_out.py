@@ -6,7 +6,9 @@ names, with TP shards, the experts of all expert-parallel ranks and all pipeline
 vocabulary padding removed, in one of the push forms: host tensors in Ray's object store
 (`export_hf_buckets`), GPU buckets shared by CUDA IPC (`export_hf_shared`, engine/cuda_ipc.py), or one
 broadcast per bucket over a weight group (`broadcast_weights`, engine/weight_broadcast.py; rank 0 then
-holds the weights for engines restarted later). `WeightsOut` is mixed into LearnerWorker, whose model,
+holds the weights for engines restarted later), or SGLang's /update_weights_from_tensor payloads for
+servers on rank 0's device (`export_tensor_payloads`: rank 0 keeps the tensors alive until
+`drop_tensor_payloads`). `WeightsOut` is mixed into LearnerWorker, whose model,
 layout and groups it reads.
 """
 
@@ -114,6 +116,28 @@ class WeightsOut:
 
     def leave_weight_group(self, group_name: str) -> None:
         self._sender().leave_weight_group(group_name)
+
+    def export_tensor_payloads(self, max_bytes: int, version: int, keep_host_copy: bool) -> list[str] | None:
+        """Colocated SGLang servers (every rank must call this): rank 0 returns, per bucket of at most
+        max_bytes, the serialized named tensors of /update_weights_from_tensor (CUDA IPC handles on a GPU,
+        shared-memory files on the CPU: engine/rollout/sglang/tensors.py) and keeps the tensors until
+        drop_tensor_payloads; with keep_host_copy it also holds a host copy as `version` (held_weights)
+        for servers restarted later."""
+        from engine.rollout.sglang.tensors import serialize_named_tensors
+
+        tensors = self.export_hf(on_device=True)
+        if tensors is None:
+            return None
+        if keep_host_copy:
+            self._held = (version, {name: t.to("cpu", copy=True) for name, t in tensors.items()})
+        self._payload_tensors = tensors
+        return [serialize_named_tensors(bucket, 1)[0] for bucket in bucketize(tensors, max_bytes)]
+
+    def drop_tensor_payloads(self) -> None:
+        """The servers have loaded the last payloads: rank 0's device copy goes."""
+        self._payload_tensors = None
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
 
     def describe_bucket(self, bucket: dict[str, torch.Tensor]) -> dict[str, list]:
         return self._sender().describe_bucket(bucket)

@@ -199,6 +199,9 @@ class InferenceConfig(Section, kw_only=True):
     health_check_interval: float = 10.0
     health_check_timeout: float = 30.0
     max_server_restarts: int = 3
+    # The program and module that start a server instead of `<python> -m sglang.launch_server` (the same
+    # arguments follow), e.g. another environment's python with sglang installed.
+    server_launcher: list[str] = msgspec.field(default_factory=list)
     sglang: dict[str, Any] = msgspec.field(default_factory=dict)
     # The embedded engine's implementation and device (docs/config.md): "static" is the static-cache
     # engine (engine/rollout/static_engine.py); "auto" picks it on CUDA for dense models.

@@ -15,16 +15,28 @@ http_server.py, io_struct.py and tokenizer_manager.py:
 - /init_weights_update_group, /update_weights_from_distributed (one broadcast per name, in order,
   from rank 0), /update_weights_from_tensor, /destroy_weights_update_group, /get_weights_by_name;
   flush_cache after an update while requests run fails (SGLang asserts there);
-- /release_memory_occupation and /resume_memory_occupation (tags; generation and weight loads are
-  refused while weights are released); /flush_cache (400 while requests run); /health,
-  /health_generate, /model_info, /get_model_info, /server_info, /get_server_info.
-The received weight names are kept in order at /fake/received (not an SGLang endpoint).
+- /release_memory_occupation and /resume_memory_occupation with SGLang's tags ("kv_cache", "weights",
+  "cuda_graph"; none given means all three). SGLang asserts in its scheduler that nothing is running
+  when memory is released, and fails on resuming a tag that is not released; both are answered here
+  with HTTP 500. A /generate that reaches a server whose weights or KV cache are released (SGLang would
+  run on unmapped memory and crash) is refused with 400 and recorded. Weight loads from tensors are
+  refused while the weights are released (SGLang would write into unmapped memory);
+- /flush_cache (400 while requests run); /health, /health_generate, /model_info, /get_model_info,
+  /server_info, /get_server_info.
+Not SGLang endpoints: /fake/received (the weight names received, in order, the tags released, the
+requests in flight, and the event log: pause, continue, release, resume, weight updates with their
+version, and generation starts) and /fake/hold_updates ({"hold": true} makes weight updates that
+set a weight_version wait after loading their tensors and before answering, until {"hold": false}:
+tests use it to order events).
+Updates that set a weight_version are recorded with the sha256 of every parameter; with --event-log
+PATH (an option of the stand-in, not of SGLang) each event is also appended to PATH as a JSON line.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import hashlib
 import json
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
@@ -58,6 +70,7 @@ SAMPLING_FIELDS = {  # SamplingParams.__init__ (sampling/sampling_params.py)
     "spaces_between_special_tokens", "no_stop_trim", "custom_params", "stream_interval", "logit_bias",
     "sampling_seed",
 }  # fmt: skip
+ALL_MEMORY = ["kv_cache", "weights", "cuda_graph"]  # constants.GPU_MEMORY_ALL_TYPES
 SUPPORTED_SAMPLING = {"max_new_tokens", "stop_token_ids", "temperature", "top_p", "top_k", "sampling_seed"}
 
 
@@ -104,6 +117,10 @@ class FakeSglang:
         self.groups: dict[str, Any] = {}
         self.released: set[str] = set()
         self.received: list[str] = []
+        self.events: list[list[Any]] = []
+        self.refused_while_released = 0
+        self.hold = asyncio.Event()
+        self.hold.set()  # set: weight updates answer at once
 
     # --- decode loop ---------------------------------------------------------------------------------
 
@@ -216,12 +233,15 @@ class FakeSglang:
         ids = body.get("input_ids")
         if not isinstance(ids, list) or not ids or not all(isinstance(i, int) for i in ids):
             return error("input_ids must be one non-empty list of token ids (batches are not implemented)")
-        if "weights" in self.released:
-            return error("weights are released (/release_memory_occupation); resume them first")
         async with self.pause_cond:
             await self.pause_cond.wait_for(lambda: not self.paused)
+        if self.released & {"weights", "kv_cache"}:
+            self.refused_while_released += 1
+            self.record(["generate_refused", sorted(self.released)])
+            return error(f"memory released ({sorted(self.released)}): generation would fail", 400)
         await self.read_acquire()
         try:
+            self.record(["generate"])
             self.ids += 1
             rid = str(body.get("rid") or f"fake{self.ids}")
             params = SamplingParams(
@@ -268,6 +288,7 @@ class FakeSglang:
             return error(f"Invalid mode: {mode!r}. Expected one of ['abort', 'retract', 'in_place'].")
         async with self.pause_cond:
             self.paused = True
+        self.record(["pause", mode])
         if mode == "abort":
             self.aborts.append(None)
             self.wake.set()
@@ -283,6 +304,7 @@ class FakeSglang:
             self.paused = False
             self.engine_paused = False
             self.pause_cond.notify_all()
+        self.record(["continue"])
         self.wake.set()
         return web.json_response({"message": "Generation continued successfully.", "status": "ok"})
 
@@ -304,7 +326,13 @@ class FakeSglang:
                 self.params[name].copy_(tensor)
         self.received += [name for name, _ in named]
 
-    async def _finish_update(self, body: dict[str, Any]) -> web.Response:
+    async def _finish_update(self, body: dict[str, Any], kind: str) -> web.Response:
+        version = body.get("weight_version")
+        if version is not None:
+            await self.hold.wait()
+            self.record([kind, version, self.digests()])
+        else:
+            self.record([kind, None])
         if body.get("flush_cache", True) and self.busy():
             return web.json_response(
                 {"success": False, "message": "Cache flush failed after updating weights"}, status=400
@@ -359,7 +387,7 @@ class FakeSglang:
             )
             async with self.model_lock:
                 self._load(named)
-            return await self._finish_update(b)
+            return await self._finish_update(b, "update_distributed")
 
         return await self.updating(update)
 
@@ -372,7 +400,7 @@ class FakeSglang:
             named = tensor_payload.deserialize(b["serialized_named_tensors"][0])  # tp rank 0
             async with self.model_lock:
                 self._load([(n, t.clone()) for n, t in named])
-            return await self._finish_update(b)
+            return await self._finish_update(b, "update_tensor")
 
         return await self.updating(update)
 
@@ -382,14 +410,41 @@ class FakeSglang:
         return web.json_response(values.tolist())
 
     async def release_memory_occupation(self, request: web.Request) -> web.Response:
-        tags = (await request.json()).get("tags") or ["weights", "kv_cache"]
+        tags = (await request.json()).get("tags") or ALL_MEMORY
+        if self.busy() or self.in_flight:  # the scheduler's assertion
+            self.record(["release_refused", sorted(tags)])
+            return error("release_memory_occupation should be called only when no ongoing request.", 500)
         self.released |= set(tags)
+        self.record(["release", sorted(tags)])
         return web.json_response(None)
 
     async def resume_memory_occupation(self, request: web.Request) -> web.Response:
-        tags = (await request.json()).get("tags") or ["weights", "kv_cache"]
+        tags = (await request.json()).get("tags") or ALL_MEMORY
+        if set(tags) - self.released:  # the scheduler's offload_tags.remove raises
+            return error(f"KeyError: {sorted(set(tags) - self.released)} are not released", 500)
         self.released -= set(tags)
+        self.record(["resume", sorted(tags)])
         return web.json_response(None)
+
+    def record(self, event: list[Any]) -> None:
+        self.events.append(event)
+        if self.args.event_log:
+            with open(self.args.event_log, "a") as f:
+                f.write(json.dumps(event) + "\n")
+
+    def digests(self) -> dict[str, str]:
+        """sha256 of every parameter's bytes: what a test compares with the learner's weights."""
+        return {
+            name: hashlib.sha256(t.detach().contiguous().view(torch.uint8).numpy().tobytes()).hexdigest()
+            for name, t in self.params.items()
+        }
+
+    async def hold_updates(self, request: web.Request) -> web.Response:
+        if (await request.json())["hold"]:
+            self.hold.clear()
+        else:
+            self.hold.set()
+        return web.json_response({"hold": not self.hold.is_set()})
 
     async def health(self, request: web.Request) -> web.Response:
         return web.Response(status=200)
@@ -417,7 +472,13 @@ class FakeSglang:
 
     async def fake_received(self, request: web.Request) -> web.Response:
         return web.json_response(
-            {"names": self.received, "released": sorted(self.released), "in_flight": self.in_flight}
+            {
+                "names": self.received,
+                "released": sorted(self.released),
+                "in_flight": self.in_flight,
+                "events": self.events,
+                "refused_while_released": self.refused_while_released,
+            }
         )
 
 
@@ -445,6 +506,7 @@ def app_for(server: FakeSglang) -> web.Application:
     for path in ("/server_info", "/get_server_info"):
         app.router.add_get(path, s.server_info)
     app.router.add_get("/fake/received", s.fake_received)
+    app.router.add_post("/fake/hold_updates", s.hold_updates)
     return app
 
 
@@ -464,6 +526,7 @@ def main() -> None:
     parser.add_argument("--tp-size", type=int, default=1)
     parser.add_argument("--weight-version", default="default")
     parser.add_argument("--random-seed", type=int, default=None)
+    parser.add_argument("--event-log", default=None)  # the stand-in's own: events as JSON lines
     args, _ = parser.parse_known_args()
     asyncio.run(serve(args))
 

@@ -62,8 +62,11 @@ def check_sglang(cfg: InferenceConfig, *, learner_ranks: int | None = None) -> N
         _fail("router_url", f"must be an http(s)://host:port URL, got {cfg.router_url!r}")
     if len(set(cfg.engine_urls)) != len(cfg.engine_urls):
         _fail("engine_urls", "lists the same server twice")
+    for i, word in enumerate(cfg.server_launcher):
+        if not word.strip():
+            _fail(f"server_launcher[{i}]", "is empty; give the program and its arguments as words")
     if cfg.backend != "sglang":
-        for key in ("engine_urls", "router_url", "num_gpus"):
+        for key in ("engine_urls", "router_url", "num_gpus", "server_launcher"):
             if getattr(cfg, key):
                 _fail(key, f"is an SGLang key, but backend = {cfg.backend!r}; set backend = 'sglang'")
         if cfg.sglang:
@@ -76,12 +79,20 @@ def check_sglang(cfg: InferenceConfig, *, learner_ranks: int | None = None) -> N
             "goes to each server, generation goes through the router)",
         )
     if cfg.engine_urls:
+        if cfg.server_launcher:
+            _fail("server_launcher", "starts servers, but engine_urls names servers started elsewhere")
         if cfg.num_gpus:
             _fail("num_gpus", "is for servers this run starts; engine_urls names servers started elsewhere")
         if cfg.colocate:
             _fail("colocate", "colocated servers share the learner's GPUs, so they cannot be engine_urls")
         return
     if cfg.colocate:
+        if cfg.sglang.get("enable_memory_saver") is False:
+            _fail(
+                "sglang.enable_memory_saver",
+                "colocated servers release their memory while the learner trains, which needs SGLang's "
+                "memory saver: leave it out (it is turned on when colocate = true) or set it true",
+            )
         if learner_ranks is not None and learner_ranks % cfg.num_gpus_per_engine:
             _fail(
                 "num_gpus_per_engine",
@@ -97,6 +108,19 @@ def check_sglang(cfg: InferenceConfig, *, learner_ranks: int | None = None) -> N
             f"{cfg.num_gpus} GPUs do not divide into engines of num_gpus_per_engine="
             f"{cfg.num_gpus_per_engine}",
         )
+
+
+# What colocated servers get unless [inference.sglang] says otherwise: the memory saver that
+# /release_memory_occupation needs, and a static memory share (weights + KV cache) that leaves the other
+# half of the GPU to the learner's weights (its optimizer state is on the host during rollout).
+COLOCATED_DEFAULTS: dict[str, Any] = {"enable_memory_saver": True, "mem_fraction_static": 0.5}
+
+
+def server_args(cfg: InferenceConfig) -> dict[str, Any]:
+    """The forwarded server arguments: [inference.sglang], with the colocated defaults first."""
+    if cfg.colocate:
+        return {**COLOCATED_DEFAULTS, **cfg.sglang}
+    return dict(cfg.sglang)
 
 
 def engine_count(cfg: InferenceConfig, learner_ranks: int) -> int:

@@ -2,8 +2,9 @@
 addresses), the producer's endpoints, and the weight sync.
 
 Guarantee: `start_servers` returns only when every server answers /health (servers this run starts
-get inference.num_gpus_per_engine GPUs each from one placement group: inference.num_gpus in all, or
-the learner's GPUs when colocated); the endpoints it returns build one client per server, or one
+get inference.num_gpus_per_engine GPUs each from one placement group, inference.num_gpus in all, or
+none on a cluster without GPUs; `start_colocated_servers` puts them on the learner ranks' GPUs,
+engine/rollout/sglang/colocate.py); the endpoints it returns build one client per server, or one
 client for the router when inference.router_url is set.
 """
 
@@ -17,7 +18,8 @@ from ray.util.placement_group import placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from engine.rollout.config import InferenceConfig
-from engine.rollout.sglang.config import engine_count
+from engine.rollout.sglang.colocate import ColocatedPlacement
+from engine.rollout.sglang.config import engine_count, server_args
 from engine.rollout.sglang.server import ServerSpec, SglangServerActor
 
 
@@ -35,16 +37,23 @@ class SglangEndpoint:
         return SglangEngineClient(self.url, self.server, recover=self.server is not None)
 
 
-def server_spec(cfg: InferenceConfig, model_path: str, external_url: str | None = None) -> ServerSpec:
+def server_spec(
+    cfg: InferenceConfig,
+    model_path: str,
+    external_url: str | None = None,
+    visible_devices: list[str] | None = None,
+) -> ServerSpec:
     return ServerSpec(
         model_path=model_path,
         tp_size=cfg.num_gpus_per_engine,
-        args=dict(cfg.sglang),
+        args=server_args(cfg),
         start_timeout=cfg.server_start_timeout,
         health_interval=cfg.health_check_interval,
         health_timeout=cfg.health_check_timeout,
         max_restarts=cfg.max_server_restarts,
+        launcher=list(cfg.server_launcher) or None,
         external_url=external_url,
+        visible_devices=visible_devices,
     )
 
 
@@ -56,6 +65,9 @@ def start_servers(cfg: InferenceConfig, model_path: str, learner_ranks: int) -> 
             actor.options(num_cpus=0).remote(server_spec(cfg, model_path, url), i)
             for i, url in enumerate(cfg.engine_urls)
         ]
+    elif not ray.cluster_resources().get("GPU", 0):  # a CPU run (inference.sglang.device = "cpu")
+        n = engine_count(cfg, learner_ranks)
+        servers = [actor.options(num_cpus=0).remote(server_spec(cfg, model_path), i) for i in range(n)]
     else:
         n, tp = engine_count(cfg, learner_ranks), cfg.num_gpus_per_engine
         group = placement_group([{"GPU": tp}] * n, strategy="PACK")
@@ -68,6 +80,21 @@ def start_servers(cfg: InferenceConfig, model_path: str, learner_ranks: int) -> 
             ).remote(server_spec(cfg, model_path), i)
             for i in range(n)
         ]
+    ray.get([s.start.remote() for s in servers])
+    return servers
+
+
+def start_colocated_servers(
+    cfg: InferenceConfig, model_path: str, placement: ColocatedPlacement, learner_gpus: list[str | None]
+) -> list[Any]:
+    """Server actors on the learner ranks' GPUs (`learner_gpus`: each rank's GPU UUID), started and
+    healthy: learner_ranks / num_gpus_per_engine of them."""
+    actor = ray.remote(SglangServerActor)
+    tp = cfg.num_gpus_per_engine
+    servers = []
+    for i in range(len(learner_gpus) // tp):
+        spec = server_spec(cfg, model_path, visible_devices=placement.visible_devices(i, tp, learner_gpus))
+        servers.append(actor.options(num_cpus=0, **placement.server_options(i, tp)).remote(spec, i))
     ray.get([s.start.remote() for s in servers])
     return servers
 

@@ -4,9 +4,11 @@ external address; checked for health; restarted and brought back to the current 
 Guarantees: `start` returns only once GET /health answers 200 (or raises, with the end of the
 server's log, when the process exits or server_start_timeout passes); `recover` returns the URL of a
 healthy server that holds the last weights handed to `set_current` and reports their version, or
-raises after inference.max_server_restarts restarts. The launch path needs sglang importable in the
-actor's Python; without it `start` fails with an error saying so (the launcher can be replaced, which
-is how tests start a stand-in server that speaks the same HTTP contract).
+raises after inference.max_server_restarts restarts; `apply_distributed` returns the version the
+server reports after its part of a weight-update-group push (engine/rollout/sglang/weight_sync.py).
+The launch path needs sglang importable in the actor's Python; without it `start` fails with an error
+saying so (the launcher can be replaced, inference.server_launcher, which is how tests start a
+stand-in server that speaks the same HTTP contract).
 """
 
 from __future__ import annotations
@@ -29,6 +31,8 @@ from engine.errors import EngineError
 from engine.rollout.sglang.http import ServerDown, ServerError, SglangHttp
 from engine.rollout.sglang.server_args import server_command
 from engine.rollout.sglang.tensors import serialize_named_tensors
+from engine.rollout.sglang.weight_sync import PAUSE, distributed_bodies
+from engine.weight_broadcast import LearnerHeld
 
 
 class ServerSpec(msgspec.Struct, frozen=True, kw_only=True):
@@ -45,6 +49,9 @@ class ServerSpec(msgspec.Struct, frozen=True, kw_only=True):
     launcher: list[str] | None = None
     # A server started elsewhere: no process is started; recovery waits for it to answer again.
     external_url: str | None = None
+    # The GPUs the server process sees (CUDA_VISIBLE_DEVICES, e.g. GPU UUIDs), where they are not just
+    # the GPU Ray gives the actor: a colocated server spanning several learner GPUs.
+    visible_devices: list[str] | None = None
 
 
 def node_address() -> str:
@@ -89,9 +96,12 @@ class SglangServerActor:
                 )
             port = free_port("")
             cmd = self.command(port, version)
+            env = dict(os.environ)
+            if self.spec.visible_devices is not None:
+                env["CUDA_VISIBLE_DEVICES"] = ",".join(self.spec.visible_devices)
             with open(self._log, "ab") as log:
                 self._proc = subprocess.Popen(
-                    cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=dict(os.environ)
+                    cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env
                 )
             self._url = f"http://{node_address()}:{port}"
         await self._set_http(self._url)
@@ -156,8 +166,30 @@ class SglangServerActor:
         return await self._http.call(method, path, body)
 
     async def set_current(self, buckets: list[Any], version: int) -> None:
-        """The weights the engines hold now (ObjectRefs of HF-named buckets): what a restart reloads."""
+        """The weights the engines hold now (ObjectRefs of HF-named buckets, or a LearnerHeld: the
+        learner's host copy): what a restart reloads."""
         self._current = (buckets, version)
+
+    async def apply_distributed(
+        self, group: str, metas: list[Any], buckets: list[Any], version: int, mode: str
+    ) -> int:
+        """This server's part of a weight-update-group push (weight_sync.py): pause as `mode` says, one
+        /update_weights_from_distributed per call of weight_sync.distributed_bodies while the sender
+        broadcasts (`metas`: ObjectRefs of each bucket's names, dtypes and shapes), continue; the buckets
+        become the current weights. Returns the version the server reports afterwards."""
+        assert self._http is not None, "start() first"
+        described = [await m if isinstance(m, ray.ObjectRef) else m for m in metas]
+        pause = PAUSE.get(mode)
+        if pause is not None:
+            await self._http.pause(pause)
+        try:
+            for body in distributed_bodies(described, group, version, mode):
+                await self._http.update("/update_weights_from_distributed", body)
+        finally:
+            if pause is not None:
+                await self._http.resume_generation()
+        self._current = (buckets, version)
+        return int(await self._http.weight_version())
 
     # --- recovery -----------------------------------------------------------------------------------
 
@@ -200,6 +232,8 @@ class SglangServerActor:
         assert self._http is not None
         buckets, version = self._current
         for i, ref in enumerate(buckets):
+            if isinstance(ref, LearnerHeld):  # colocated: the learner's host copy of that version
+                ref = ref.fetch()
             bucket = await ref if isinstance(ref, ray.ObjectRef) else ref
             last = i == len(buckets) - 1
             await self._http.update(
