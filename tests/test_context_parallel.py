@@ -80,6 +80,7 @@ def run(ckpt, samples, *, ranks=1, cp=1, algo=KL, packed=False, ref=None):
     )
     g = LearnerGroup(ranks, learner_spec(ckpt, perf=perf, algo=algo, ref=ref))
     try:
+        assert [info["cp_rank"] for info in g.info] == list(range(cp)) * (ranks // cp)
         logprobs = g.compute_logprobs(samples)
         metrics = g.train(samples, 2)
         weights = ray.get(g.export_weights())

@@ -86,7 +86,7 @@ class LearnerWorker(WeightsOut):
         self.tp_rank, self.tp = mpu.get_tensor_model_parallel_rank(), tp
         self.dp_rank, self.dp = mpu.get_data_parallel_rank(), mpu.get_data_parallel_world_size()
         # Context parallelism: the ranks of a CP group share every sequence (their data is the same).
-        self.cp_rank = mpu.get_context_parallel_rank()
+        self.cp, self.cp_rank = cp, mpu.get_context_parallel_rank()
         self.context = ContextGroup(cp, self.cp_rank, mpu.get_context_parallel_group()) if cp > 1 else None
         # MoE experts: ep ranks hold different experts (ep = 1: every rank holds all of them).
         self.ep_group, self.ep = mpu.get_expert_model_parallel_group(), self.perf.expert_model_parallel_size
@@ -188,6 +188,7 @@ class LearnerWorker(WeightsOut):
             "tp_rank": self.tp_rank,
             "dp_rank": self.dp_rank,
             "pp_rank": self.stage.rank,
+            "cp_rank": self.cp_rank,
             "params": self.num_params(),
             "recompute": self.model.config.recompute_granularity,
             "device": str(self.device),
