@@ -81,7 +81,7 @@ def same(a, b) -> bool:
 
 @pytest.mark.parametrize(
     "ranks, tp, pp, cp",
-    [(1, 1, 1, 1), (2, 2, 1, 1), (2, 1, 2, 1), (2, 1, 1, 2)],
+    [(1, 1, 1, 1), (2, 2, 1, 1), (2, 1, 2, 1), pytest.param(2, 1, 1, 2, marks=pytest.mark.slow)],
     ids=["one-rank", "tensor-parallel-2", "pipeline-2", "context-parallel-2"],
 )
 def test_learner_state_round_trip(ray_local, tiny_ckpt, tmp_path, ranks, tp, pp, cp) -> None:

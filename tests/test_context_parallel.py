@@ -3,8 +3,9 @@
 The chunk split and merge on their own; then two gloo ranks as Ray actors with context_parallel_size = 2
 against one rank, from the same weights and samples: the log-probs of compute_logprobs, two SGD steps'
 metrics (the second on recomputed old log-probs) and the updated weights from export_hf, for padded and
-packed micro-batches, with a KL loss against a reference model and with PPO's critic; unsupported
-combinations are config errors naming the key.
+packed micro-batches, with a KL loss against a reference model and with PPO's critic; four ranks for CP
+x DP, CP x TP and CP x PP; unsupported combinations (CP x EP, the 'local' attention backend) are config
+errors naming the key.
 """
 
 from __future__ import annotations
@@ -67,20 +68,23 @@ def test_rotary_embeddings_of_a_cp_rank_are_its_global_positions() -> None:
     assert picked == [[0, 1, 2, 3, 12, 13, 14, 15], [4, 5, 6, 7, 8, 9, 10, 11]]
 
 
-def run(ckpt, samples, *, ranks=1, cp=1, algo=KL, packed=False, ref=None):
+def run(ckpt, samples, *, ranks=1, cp=1, tp=1, pp=1, algo=KL, packed=False, ref=None):
     """compute_logprobs, then two SGD steps on the samples; (log-probs, per-step metrics, weights)."""
     import ray
 
     longest = max(len(x.prompt_array) + x.response_len for x in samples)
     perf = PerfConfig(
         context_parallel_size=cp,
+        tensor_model_parallel_size=tp,
+        pipeline_model_parallel_size=pp,
         micro_batch_size=3,
         use_dynamic_batch_size=packed,
         max_tokens_per_gpu=2 * longest + 5 if packed else None,
     )
     g = LearnerGroup(ranks, learner_spec(ckpt, perf=perf, algo=algo, ref=ref))
     try:
-        assert [info["cp_rank"] for info in g.info] == list(range(cp)) * (ranks // cp)
+        # Megatron's order: TP ranks consecutive, then CP, then data parallelism.
+        assert [info["cp_rank"] for info in g.info] == [r // tp % cp for r in range(ranks)]
         logprobs = g.compute_logprobs(samples)
         metrics = g.train(samples, 2)
         weights = ray.get(g.export_weights())
@@ -110,6 +114,20 @@ def test_two_cp_ranks_match_one(ray_local, tiny_ckpt, ref_ckpt, samples, packed)
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize(
+    "tp, pp, packed",
+    [(1, 1, True), (2, 1, False), (1, 2, True)],
+    ids=["data-parallel-2", "tensor-parallel-2", "pipeline-2"],
+)
+def test_cp_times_other_parallelism(ray_local, tiny_ckpt, ref_ckpt, samples, tp, pp, packed) -> None:
+    """Four ranks: CP = 2 with two data-parallel replicas (packed), CP = 2 x TP = 2 (padded) and CP = 2
+    x PP = 2 (packed)."""
+    reference = run(tiny_ckpt, samples, packed=packed, ref=ref_ckpt)
+    result = run(tiny_ckpt, samples, ranks=4, cp=2, tp=tp, pp=pp, packed=packed, ref=ref_ckpt)
+    assert_same(result, reference)
+
+
+@pytest.mark.slow
 def test_ppo_critic_with_two_cp_ranks(ray_local, tiny_ckpt, samples) -> None:
     reference = run(tiny_ckpt, samples, algo=PPO, packed=True)
     assert reference[1][0]["value_loss"] > 0 and reference[1][0]["critic_grad_norm"] > 0
@@ -123,9 +141,11 @@ def test_unsupported_cp_combinations_are_config_errors(tmp_path) -> None:
         PerfConfig(context_parallel_size=0).check()
     with pytest.raises(ConfigError, match=r"context_parallel_size.*'sdpa' attention backend"):
         PerfConfig(context_parallel_size=2, attention_backend="local").check()
-    for key in ("tensor_model_parallel_size", "pipeline_model_parallel_size", "expert_model_parallel_size"):
-        with pytest.raises(ConfigError, match=rf"context_parallel_size: > 1 .* with {key} > 1"):
-            PerfConfig(context_parallel_size=2, **{key: 2}).check()
+    PerfConfig(context_parallel_size=2, tensor_model_parallel_size=2, pipeline_model_parallel_size=2).check()
+    with pytest.raises(
+        ConfigError, match=r"context_parallel_size: > 1 .* with expert_model_parallel_size > 1"
+    ):
+        PerfConfig(context_parallel_size=2, expert_model_parallel_size=2).check()
     path = tmp_path / "run.toml"
     path.write_text(
         textwrap.dedent(

@@ -12,11 +12,17 @@ layer spec (`sdpa_layer_spec`). Guarantees:
   rows cu_seqlens[i]:cu_seqlens[i + 1]) never attends across a sequence boundary. Rotary embeddings
   restart at position 0 for every sequence (Megatron's thd RoPE path, given max_seqlen below the packed
   length), so a packed sequence is computed exactly as it would be alone.
+- context parallelism (a CP group of more than one rank; engine/learner/context_parallel.py): each rank
+  holds chunks r and 2 * cp - 1 - r of every sequence (padded rows, or each packed sequence, whose
+  cu_seqlens are then the whole sequences'); keys and values are all-gathered over the CP group (their
+  gradients reduce-scattered back), and each local chunk attends to the keys up to its own end with the
+  causal mask in global positions, so every rank's outputs are those of its positions without CP.
 
 Kernels: padded input uses SDPA with is_causal=True (flash or memory-efficient kernels on GPU). Packed
 input on CUDA in fp16/bf16 uses torch.nn.attention.varlen.varlen_attn (flash attention over cu_seqlens);
 otherwise (CPU, fp32, or a torch without it) a loop of causal SDPA calls, one per sequence, which costs
-sum(s_i^2) rather than (sum s_i)^2 and needs no [t, t] mask.
+sum(s_i^2) rather than (sum s_i)^2 and needs no [t, t] mask. With CP each chunk is one SDPA call with
+an explicit [c, end] boolean mask.
 """
 
 from __future__ import annotations

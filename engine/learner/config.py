@@ -119,16 +119,11 @@ class PerfConfig(Section, kw_only=True):
                 "context_parallel_size",
                 "> 1 runs in the 'sdpa' attention backend only (perf.attention_backend)",
             )
-            for key in (
-                "tensor_model_parallel_size",
-                "pipeline_model_parallel_size",
-                "expert_model_parallel_size",
-            ):
-                self.require(
-                    getattr(self, key) == 1,
-                    "context_parallel_size",
-                    f"> 1 is not supported together with {key} > 1 yet",
-                )
+            self.require(
+                self.expert_model_parallel_size == 1,
+                "context_parallel_size",
+                "> 1 is not supported together with expert_model_parallel_size > 1 yet",
+            )
         self.require(
             not self.sequence_parallel,
             "sequence_parallel",
