@@ -115,10 +115,19 @@ class Config(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
                 section="perf",
                 key="pipeline_model_parallel_size",
             )
-        dp = ranks // (tp * pp)
+        cp = self.perf.context_parallel_size
+        if ranks % (tp * pp * cp):
+            raise ConfigError(
+                f"cluster.learner_ranks={ranks} is not divisible by perf.tensor_model_parallel_size={tp} x "
+                f"perf.pipeline_model_parallel_size={pp} x perf.context_parallel_size={cp}",
+                section="perf",
+                key="context_parallel_size",
+            )
+        dp = ranks // (tp * pp * cp)
         dp_of = f"(cluster.learner_ranks={ranks} / perf.tensor_model_parallel_size={tp}" + (
-            f" / perf.pipeline_model_parallel_size={pp})" if pp > 1 else ")"
+            f" / perf.pipeline_model_parallel_size={pp}" if pp > 1 else ""
         )
+        dp_of += f" / perf.context_parallel_size={cp})" if cp > 1 else ")"
         ep = self.perf.expert_model_parallel_size
         if dp % ep:
             raise ConfigError(

@@ -40,11 +40,23 @@ from tests.test_learner import rollout
 
 
 def learner(
-    ckpt: Path, ranks: int, tp: int, pp: int, resume: Path | None = None, init: Path | None = None
+    ckpt: Path,
+    ranks: int,
+    tp: int,
+    pp: int,
+    resume: Path | None = None,
+    init: Path | None = None,
+    cp: int = 1,
 ) -> LearnerGroup:
+    perf = PerfConfig(
+        tensor_model_parallel_size=tp,
+        pipeline_model_parallel_size=pp,
+        context_parallel_size=cp,
+        micro_batch_size=4,
+    )
     spec = learner_spec(
         ckpt,
-        perf=PerfConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, micro_batch_size=4),
+        perf=perf,
         optimizer=OptimizerConfig(lr=1e-3, lr_decay_style="cosine", lr_warmup_iters=1, min_lr=1e-4),
         resume_from=None if resume is None else str(resume),
         init_from=None if init is None else str(init),
@@ -68,15 +80,17 @@ def same(a, b) -> bool:
 
 
 @pytest.mark.parametrize(
-    "ranks, tp, pp", [(1, 1, 1), (2, 2, 1), (2, 1, 2)], ids=["one-rank", "tensor-parallel-2", "pipeline-2"]
+    "ranks, tp, pp, cp",
+    [(1, 1, 1, 1), (2, 2, 1, 1), (2, 1, 2, 1), pytest.param(2, 1, 1, 2, marks=pytest.mark.slow)],
+    ids=["one-rank", "tensor-parallel-2", "pipeline-2", "context-parallel-2"],
 )
-def test_learner_state_round_trip(ray_local, tiny_ckpt, tmp_path, ranks, tp, pp) -> None:
+def test_learner_state_round_trip(ray_local, tiny_ckpt, tmp_path, ranks, tp, pp, cp) -> None:
     """Save after two optimizer steps, restore into fresh ranks: the same weights, optimizer moments,
     scheduler step and RNG states, and the next step is the same step; the weights alone load too."""
     import ray
 
     samples = rollout(tiny_ckpt, groups=2, n=4)
-    first = learner(tiny_ckpt, ranks, tp, pp)
+    first = learner(tiny_ckpt, ranks, tp, pp, cp=cp)
     try:
         first.train(samples, 2)
         first.save_state(str(tmp_path / "a"))
@@ -86,7 +100,7 @@ def test_learner_state_round_trip(ray_local, tiny_ckpt, tmp_path, ranks, tp, pp)
     finally:
         first.shutdown()
     assert (tmp_path / "a" / "model" / "metadata.json").is_file()  # Megatron's dist_checkpointing format
-    second = learner(tiny_ckpt, ranks, tp, pp, resume=tmp_path / "a")
+    second = learner(tiny_ckpt, ranks, tp, pp, resume=tmp_path / "a", cp=cp)
     try:
         assert all(torch.equal(t, weights[k]) for k, t in ray.get(second.export_weights()).items())
         second.save_state(str(tmp_path / "b"))
@@ -97,7 +111,7 @@ def test_learner_state_round_trip(ray_local, tiny_ckpt, tmp_path, ranks, tp, pp)
     # The saved weights as initial weights (ckpt.ref_load naming a checkpoint): Megatron's format read back.
     (tmp_path / "a" / "meta.json").write_text("{}")
     (tmp_path / "a" / "complete").write_text("2\n")
-    third = learner(tiny_ckpt, ranks, tp, pp, init=tmp_path / "a")
+    third = learner(tiny_ckpt, ranks, tp, pp, init=tmp_path / "a", cp=cp)
     try:
         assert all(torch.equal(t, weights[k]) for k, t in ray.get(third.export_weights()).items())
     finally:

@@ -12,11 +12,17 @@ layer spec (`sdpa_layer_spec`). Guarantees:
   rows cu_seqlens[i]:cu_seqlens[i + 1]) never attends across a sequence boundary. Rotary embeddings
   restart at position 0 for every sequence (Megatron's thd RoPE path, given max_seqlen below the packed
   length), so a packed sequence is computed exactly as it would be alone.
+- context parallelism (a CP group of more than one rank; engine/learner/context_parallel.py): each rank
+  holds chunks r and 2 * cp - 1 - r of every sequence (padded rows, or each packed sequence, whose
+  cu_seqlens are then the whole sequences'); keys and values are all-gathered over the CP group (their
+  gradients reduce-scattered back), and each local chunk attends to the keys up to its own end with the
+  causal mask in global positions, so every rank's outputs are those of its positions without CP.
 
 Kernels: padded input uses SDPA with is_causal=True (flash or memory-efficient kernels on GPU). Packed
 input on CUDA in fp16/bf16 uses torch.nn.attention.varlen.varlen_attn (flash attention over cu_seqlens);
 otherwise (CPU, fp32, or a torch without it) a loop of causal SDPA calls, one per sequence, which costs
-sum(s_i^2) rather than (sum s_i)^2 and needs no [t, t] mask.
+sum(s_i^2) rather than (sum s_i)^2 and needs no [t, t] mask. With CP each chunk is one SDPA call with
+an explicit [c, end] boolean mask.
 """
 
 from __future__ import annotations
@@ -30,6 +36,8 @@ from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import ModuleSpec
+
+from engine.learner import context_parallel as cp_split
 
 try:
     from torch.nn.attention.varlen import varlen_attn
@@ -57,8 +65,6 @@ class SDPACoreAttention(MegatronModule):
         from megatron.core.process_groups_config import ProcessGroupCollection
         from megatron.core.utils import divide
 
-        if config.context_parallel_size != 1:
-            raise ValueError("SDPACoreAttention does not support context parallelism")
         if attn_mask_type != AttnMaskType.causal:
             raise ValueError(f"SDPACoreAttention computes causal attention only, got {attn_mask_type}")
         dropout = config.attention_dropout if attention_dropout is None else attention_dropout
@@ -67,8 +73,14 @@ class SDPACoreAttention(MegatronModule):
         if getattr(config, "softmax_type", "vanilla") != "vanilla" or getattr(config, "window_size", None):
             raise ValueError("SDPACoreAttention supports the vanilla softmax without a window only")
         if pg_collection is None:
-            pg_collection = ProcessGroupCollection.use_mpu_process_groups(required_pgs=["tp"])
+            pg_collection = ProcessGroupCollection.use_mpu_process_groups(required_pgs=["tp", "cp"])
         tp = pg_collection.tp.size()
+        self.cp_group = getattr(pg_collection, "cp", None)
+        self.cp = self.cp_group.size() if self.cp_group is not None else 1
+        if self.cp != config.context_parallel_size:
+            raise ValueError(
+                f"context_parallel_size {config.context_parallel_size} but a CP group of {self.cp} ranks"
+            )
         self.layer_number = max(1, layer_number)
         self.attn_mask_type = attn_mask_type
         self.heads = divide(config.num_attention_heads, tp)
@@ -92,9 +104,13 @@ class SDPACoreAttention(MegatronModule):
         if attention_bias is not None:
             raise ValueError("SDPACoreAttention does not support an attention bias")
         if packed_seq_params is not None and packed_seq_params.qkv_format == "thd":
+            if self.cp > 1:
+                return self._packed_cp(query, key, value, packed_seq_params)
             return self._packed(query, key, value, packed_seq_params)
         if packed_seq_params is not None:
             raise ValueError(f"unsupported packed format {packed_seq_params.qkv_format!r}")
+        if self.cp > 1:
+            return self._padded_cp(query, key, value)
         if query.shape[0] != key.shape[0]:
             raise ValueError("SDPACoreAttention is for self-attention over the whole sequence")
         s, b = query.shape[:2]
@@ -125,6 +141,68 @@ class SDPACoreAttention(MegatronModule):
         # [t, heads, d] -> per sequence [heads, s_i, d]
         for q, k, v in zip(query.split(lengths), key.split(lengths), value.split(lengths), strict=True):
             parts.append(self._sdpa(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)).transpose(0, 1))
+        return torch.cat(parts).reshape(t, -1)
+
+    # --- context parallelism: local queries against the whole sequence's keys and values ----------------
+
+    def _gather_kv(
+        self, key: torch.Tensor, value: torch.Tensor, lengths: list[int]
+    ) -> tuple[torch.Tensor, ...]:
+        """Keys and values [t_local, ..., groups, d] of every CP rank, in sequence order ([t, ...])."""
+        g = key.shape[-2]
+        kv = cp_split.gather_kv(torch.cat([key, value], dim=-2), 0, self.cp_group, self.cp)
+        kv = cp_split.restore_order(kv, lengths, self.cp, 0)
+        return kv[..., :g, :], kv[..., g:, :]
+
+    def _chunks_attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """One sequence: q [heads, 2c, d] this rank's two chunks, k/v [groups, 2 cp c, d] the whole
+        sequence; each chunk attends causally in global positions (keys up to its own end)."""
+        rank, c = self.cp_group.rank(), q.shape[-2] // 2
+        out = []
+        for part, chunk in zip(q.split(c, dim=-2), (rank, 2 * self.cp - 1 - rank), strict=True):
+            end = (chunk + 1) * c
+            allowed = (
+                torch.arange(end, device=q.device)[None, :]
+                <= torch.arange(end - c, end, device=q.device)[:, None]
+            )
+            out.append(
+                F.scaled_dot_product_attention(
+                    part,
+                    k[..., :end, :],
+                    v[..., :end, :],
+                    attn_mask=allowed,
+                    scale=self.softmax_scale,
+                    enable_gqa=self.groups != self.heads,
+                )
+            )
+        return torch.cat(out, dim=-2)
+
+    def _padded_cp(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+        """[s_local, b, heads, d]: this rank's positions of rows of cp * s_local positions."""
+        s_local, b = query.shape[:2]
+        key, value = self._gather_kv(key, value, [s_local * self.cp])
+        out = self._chunks_attend(
+            query.permute(1, 2, 0, 3), key.permute(1, 2, 0, 3), value.permute(1, 2, 0, 3)
+        )
+        return out.permute(2, 0, 1, 3).reshape(s_local, b, -1)
+
+    def _packed_cp(
+        self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, params: PackedSeqParams
+    ) -> torch.Tensor:
+        """[t_local, heads, d]: this rank's chunks of each packed sequence (cu_seqlens: the whole
+        sequences', each a multiple of 2 * cp long, as Megatron's CP RoPE expects)."""
+        cu = params.cu_seqlens_q_padded if params.cu_seqlens_q_padded is not None else params.cu_seqlens_q
+        lengths = (cu[1:] - cu[:-1]).tolist()
+        t = query.shape[0]
+        if sum(lengths) != t * self.cp:
+            raise ValueError(f"cu_seqlens covers {sum(lengths)} tokens, not {self.cp} x the local {t}")
+        key, value = self._gather_kv(key, value, lengths)
+        local = [n // self.cp for n in lengths]
+        parts = []
+        for q, k, v in zip(query.split(local), key.split(lengths), value.split(lengths), strict=True):
+            parts.append(
+                self._chunks_attend(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)).transpose(0, 1)
+            )
         return torch.cat(parts).reshape(t, -1)
 
     def _use_varlen(self, query: torch.Tensor) -> bool:

@@ -12,6 +12,12 @@ downstream (loss, per-sample aggregation, advantages, the critic's values) there
 tensors of a padded micro-batch: the position that would predict the next sample's first token is never
 read, and padded positions hold zeros. The grouping of a step's samples into micro-batches
 (`chunk_by_tokens`) changes, the samples of each step do not.
+
+Context parallelism (`MicroBatch.cp`, engine/learner/context_parallel.py): the model row (the padded rows,
+their length rounded up to a multiple of 2 * cp; or the packed row, each sample padded to such a
+multiple) is split along the sequence, each CP rank runs the model on its positions, and `unpack`
+all-gathers what the ranks computed per position, so the layout above, and everything downstream, is
+the same on every CP rank and the same as without CP.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ from typing import Any
 import torch
 
 from engine.errors import ConfigError
+from engine.learner.context_parallel import ContextGroup, ContextSlice, round_up
 from engine.wire import Sample
 
 
@@ -42,17 +49,24 @@ class Packing:
     src: torch.Tensor  # [n] long: packed shifted position of (rows, cols)
 
     @classmethod
-    def of(cls, tokens: torch.Tensor, lengths: list[int]) -> Packing:
-        """From padded tokens [b, s] and each row's length."""
+    def of(cls, tokens: torch.Tensor, lengths: list[int], cp: int = 1) -> Packing:
+        """From padded tokens [b, s] and each row's length; with cp > 1 each sample is followed by padding
+        up to a multiple of 2 * cp (`lengths` then holds the padded lengths)."""
         rows, cols, src, starts = [], [], [], 0
-        for i, n in enumerate(lengths):
+        padded = [round_up(n, cp) if cp > 1 else n for n in lengths]
+        for i, (n, m) in enumerate(zip(lengths, padded, strict=True)):
             rows.append(torch.full((n - 1,), i, dtype=torch.long))
             cols.append(torch.arange(n - 1))
             src.append(torch.arange(starts, starts + n - 1))
-            starts += n
-        packed = torch.cat([tokens[i, :n] for i, n in enumerate(lengths)])[None]
-        positions = torch.cat([torch.arange(n) for n in lengths])[None]
-        return cls(packed, positions, list(lengths), torch.cat(rows), torch.cat(cols), torch.cat(src))
+            starts += m
+        packed = torch.cat(
+            [
+                torch.cat([tokens[i, :n], tokens.new_zeros(m - n)])
+                for i, (n, m) in enumerate(zip(lengths, padded))
+            ]
+        )[None]
+        positions = torch.cat([torch.arange(m) for m in padded])[None]
+        return cls(packed, positions, padded, torch.cat(rows), torch.cat(cols), torch.cat(src))
 
 
 @dataclass
@@ -71,6 +85,7 @@ class MicroBatch:
     returns: torch.Tensor | None = None  # the critic's targets (ppo)
 
     packing: Packing | None = None  # set: the model runs on the packed row (dynamic batching)
+    cp: ContextSlice | None = None  # set: this CP rank runs the model on its part of the model row
 
     def causal_mask(self) -> torch.Tensor:
         """Megatron's attention mask: True where attention is not allowed, [1, 1, s, s]."""
@@ -92,12 +107,15 @@ class MicroBatch:
             packing = dataclasses.replace(
                 packing, **{f.name: move(getattr(packing, f.name)) for f in dataclasses.fields(packing)}
             )
-        names = [f.name for f in dataclasses.fields(self) if f.name != "packing"]
+        names = [f.name for f in dataclasses.fields(self) if f.name not in ("packing", "cp")]
         fields = {name: move(getattr(self, name)) for name in names}
-        return MicroBatch(**fields, packing=packing)
+        return MicroBatch(**fields, packing=packing, cp=self.cp)
 
     def model_inputs(self) -> dict[str, Any]:
-        """GPTModel's keyword arguments: the padded rows with a causal mask, or the packed row (thd)."""
+        """GPTModel's keyword arguments: the padded rows with a causal mask, or the packed row (thd); with
+        CP, this rank's positions of them (the attention computes the causal mask in global positions)."""
+        if self.cp is not None:
+            return self._cp_inputs(self.cp.index.to(self.tokens.device))
         if self.packing is None:
             return {
                 "input_ids": self.tokens,
@@ -114,13 +132,41 @@ class MicroBatch:
             "packed_seq_params": packed_seq_params(p.lengths, p.tokens.device),
         }
 
+    def _cp_inputs(self, index: torch.Tensor) -> dict[str, Any]:
+        if self.packing is None:
+            tokens, positions = self.tokens[:, index], self.positions[:, index]
+            return {"input_ids": tokens, "position_ids": positions, "attention_mask": None}
+        from engine.learner.attention import packed_seq_params
+
+        p = self.packing
+        return {
+            "input_ids": p.tokens[:, index],
+            "position_ids": p.positions[:, index],
+            "attention_mask": None,
+            "packed_seq_params": packed_seq_params(p.lengths, p.tokens.device),
+        }
+
+    def predicting(self, output: torch.Tensor) -> torch.Tensor:
+        """The model output positions that `model_targets` gives a token for (the last position of the
+        model row predicts nothing; with CP each rank keeps all of its positions until `unpack`)."""
+        return output if self.cp is not None else output[:, :-1]
+
     def model_targets(self) -> torch.Tensor:
-        """The token each model output position predicts: [b, s-1], or [1, T-1] when packed."""
-        return self.targets if self.packing is None else self.packing.tokens[:, 1:]
+        """The token each position of `predicting(output)` predicts: [b, s-1], or [1, T-1] when packed;
+        with CP this rank's positions of the model row (the last position's target is a placeholder)."""
+        row = self.tokens if self.packing is None else self.packing.tokens
+        if self.cp is None:
+            return row[:, 1:]
+        following = torch.cat([row[:, 1:], row[:, -1:]], dim=1)
+        return following[:, self.cp.index.to(row.device)]
 
     def unpack(self, x: torch.Tensor) -> torch.Tensor:
-        """A per-position model output ([b, s-1] or packed [1, T-1]) in the padded shifted layout [b, s-1]
-        (zeros where no position of the sample predicts a token); differentiable."""
+        """A per-position model output ([b, s-1] or packed [1, T-1]; with CP this rank's positions) in
+        the padded shifted layout [b, s-1] (zeros where no position of the sample predicts a token);
+        differentiable (with CP: every rank computes the same thing from it, see
+        context_parallel.gather_replicated)."""
+        if self.cp is not None:
+            x = self.cp.gather(x, dim=1)[:, :-1]
         if self.packing is None:
             return x
         p = self.packing
@@ -128,14 +174,23 @@ class MicroBatch:
 
 
 def make_micro_batch(
-    samples: list[Sample], indices: list[int], *, packed: bool = False, pad_to: int | None = None
+    samples: list[Sample],
+    indices: list[int],
+    *,
+    packed: bool = False,
+    pad_to: int | None = None,
+    cp: ContextGroup | None = None,
 ) -> MicroBatch:
     """The padded tensors of samples (indices: their positions in the rollout); no advantages yet.
 
     packed: the model runs on the samples packed into one row (see `Packing`). pad_to: pad the rows to at
-    least this length (ranks whose forwards exchange tokens need equal shapes)."""
+    least this length (ranks whose forwards exchange tokens need equal shapes). cp: this rank's CP group
+    when its size is above 1 (the model row is split over it)."""
     lengths = [len(x.prompt_array) + x.response_len for x in samples]
     b, s = len(samples), max(*lengths, pad_to or 0)
+    split = cp is not None and cp.size > 1
+    if split and not packed:
+        s = round_up(s, cp.size)
     tokens = torch.zeros(b, s, dtype=torch.long)
     mask = torch.zeros(b, s - 1)
     span = torch.zeros(b, s - 1)
@@ -154,8 +209,13 @@ def make_micro_batch(
         rollout[i, cut] = torch.from_numpy(x.logprob_array.copy())
     positions = torch.arange(s).expand(b, s).contiguous()
     index = torch.tensor(indices, dtype=torch.long)
-    packing = Packing.of(tokens, lengths) if packed else None
-    return MicroBatch(tokens, positions, tokens[:, 1:], mask, span, rollout, index, packing=packing)
+    packing = Packing.of(tokens, lengths, cp.size if split else 1) if packed else None
+    context = None
+    if split:
+        context = cp.slice(packing.lengths if packing is not None else [s])
+    return MicroBatch(
+        tokens, positions, tokens[:, 1:], mask, span, rollout, index, packing=packing, cp=context
+    )
 
 
 def split_rollout(num_samples: int, num_steps: int, dp_rank: int, dp_size: int) -> list[list[int]]:

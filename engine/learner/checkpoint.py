@@ -9,7 +9,7 @@ What one rank writes (engine/checkpoint.py has the whole directory layout):
   its RNG states (python, numpy, torch, Megatron's model-parallel RNG tracker).
 
 Guarantee: `load_learner` on every rank of a learner laid out like the one that ran `save_learner`
-(same tensor, pipeline and expert parallel sizes and rank count) restores parameters, optimizer
+(same tensor, pipeline, expert and context parallel sizes and rank count) restores parameters, optimizer
 state, scheduler step and RNG states exactly, so training continues as if it had never stopped.
 `load_model` alone (weights only) needs the same global tensor shapes, not the same layout.
 
@@ -101,6 +101,8 @@ def rank_file(root: Path, rank: int) -> Path:
 def layout(w: Any) -> dict[str, int]:
     """Where rank w sits: its per-rank files only fit a rank at the same place."""
     sizes = {"tp": w.tp, "pp": getattr(w, "pp", 1), "ep": getattr(w, "ep", 1)}
+    if getattr(w, "cp", 1) > 1:  # named only when used, so checkpoints without CP keep their layout
+        sizes["cp"] = w.cp
     return {"rank": w.rank, "world_size": w.world_size, **sizes}
 
 

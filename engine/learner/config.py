@@ -112,11 +112,18 @@ class PerfConfig(Section, kw_only=True):
             "> 1 needs equal micro-batch shapes on all ranks: use_dynamic_batch_size = false",
         )
         self.positive("pipeline_model_parallel_size")
-        self.require(
-            self.context_parallel_size == 1,
-            "context_parallel_size",
-            f"only 1 is supported by this build, got {self.context_parallel_size}",
-        )
+        self.positive("context_parallel_size")
+        if self.context_parallel_size > 1:
+            self.require(
+                self.attention_backend == "sdpa",
+                "context_parallel_size",
+                "> 1 runs in the 'sdpa' attention backend only (perf.attention_backend)",
+            )
+            self.require(
+                self.expert_model_parallel_size == 1,
+                "context_parallel_size",
+                "> 1 is not supported together with expert_model_parallel_size > 1 yet",
+            )
         self.require(
             not self.sequence_parallel,
             "sequence_parallel",

@@ -65,7 +65,7 @@ class Critic:
 
     @staticmethod
     def _values(mb: MicroBatch, output: torch.Tensor) -> torch.Tensor:
-        return mb.unpack(output[:, :-1, 0].float())
+        return mb.unpack(mb.predicting(output)[..., 0].float())
 
     @torch.no_grad()
     def values(self, micro_batches: list[MicroBatch]) -> None:

@@ -6,7 +6,8 @@ model-parallel RNG state around dropout), stream synchronisation and "cuda" tens
 schedule and its p2p communication). On a machine without CUDA this module maps the current device to
 "cpu", makes synchronisation a no-op, installs a tracker with the same interface that forks the CPU
 generator instead (activation recomputation's save and restore of "the CUDA" RNG state use the CPU
-generator too), and `cuda_as_cpu` creates tensors asked for on "cuda" on the CPU while it is active.
+generator too), the rotary embeddings of a context-parallel rank's positions are picked without a
+pinned CUDA copy, and `cuda_as_cpu` creates tensors asked for on "cuda" on the CPU while it is active.
 It changes nothing when CUDA is available, and installing it twice is harmless.
 """
 
@@ -67,6 +68,12 @@ def install_cpu_shim(seed: int, tp_rank: int) -> None:
     mrandom._get_cuda_rng_state = lambda *args, **kwargs: torch.get_rng_state()
     mrandom._set_cuda_rng_state = lambda state, *args, **kwargs: torch.set_rng_state(state)
     mrandom._CUDA_RNG_STATE_TRACKER_INITIALIZED = True
+    # Rotary embeddings of a CP rank's positions: Megatron copies their index through pinned memory.
+    from megatron.core.models.common.embeddings import rotary_pos_embedding
+
+    from engine.learner.context_parallel import rope_on_this_rank
+
+    rotary_pos_embedding.get_pos_emb_on_this_cp_rank = rope_on_this_rank
     _installed = True
 
 

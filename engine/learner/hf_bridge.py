@@ -115,9 +115,17 @@ def rope_parameters(hf_config: Any) -> dict[str, Any]:
 
 
 def transformer_config(
-    hf_config: Any, s: Shape, *, tp: int, params_dtype: torch.dtype, pp: int = 1, **recompute: Any
+    hf_config: Any,
+    s: Shape,
+    *,
+    tp: int,
+    params_dtype: torch.dtype,
+    pp: int = 1,
+    cp: int = 1,
+    **recompute: Any,
 ):
     """Megatron TransformerConfig for the local (non-Transformer-Engine) layer spec; pp pipeline stages;
+    cp context-parallel ranks (engine/learner/context_parallel.py);
     recompute: Megatron's recompute_granularity / recompute_method / recompute_num_layers."""
     from megatron.core.transformer.transformer_config import TransformerConfig
 
@@ -142,6 +150,7 @@ def transformer_config(
         tensor_model_parallel_size=tp,
         # Pipeline stages pass hidden states of the parameters' dtype (engine/learner/pipeline.py).
         pipeline_model_parallel_size=pp,
+        context_parallel_size=cp,
         pipeline_dtype=params_dtype,
         params_dtype=params_dtype,
         bf16=params_dtype == torch.bfloat16,

@@ -35,7 +35,7 @@ class WeightsOut:
         params = dict(self.model.named_parameters())
         out: dict[str, torch.Tensor] = {}
         # Each pipeline stage's rank at global rank 0's place collects; the stages then send to rank 0.
-        keep = self.tp_rank == 0 and self.dp_rank == 0
+        keep = self.tp_rank == 0 and self.dp_rank == 0 and self.cp_rank == 0
         maps = hf_bridge.stage_param_maps(self.shape, self.stage.rank, self.pp, self.ep_rank, tied_copy=False)
         for p in maps:
             local = params[p.megatron].detach().contiguous()

@@ -6,6 +6,10 @@ Guarantees, for a rollout of samples:
   the first step; so the first step's ppo_kl is exactly 0 and no forward pass is spent twice;
 - each optimizer step's gradient is the gradient of the global-batch loss (micro-batch shares are
   normalised by global token/sample counts, then summed over micro-batches and data-parallel ranks);
+- with context parallelism the ranks of a CP group train on the same samples, each running the model on
+  its part of every sequence; per-token results are gathered over the group before any loss or metric
+  (engine/learner/batching.py), so losses, metrics and log-probs are those without CP, and gradients are
+  summed over data- and context-parallel ranks;
 - with pipeline parallelism (engine/learner/pipeline.py) each stage holds its layers, the last stage
   computes log-probs, advantages and losses, and metrics and log-probs reach every stage from it;
 - `export_hf` returns, on rank 0, the full model as HF-named tensors (TP shards, the experts of all
@@ -35,6 +39,7 @@ from engine.learner.advantages import assign_advantages
 from engine.learner.batching import MicroBatch, chunk, chunk_by_tokens, make_micro_batch, split_rollout
 from engine.learner.checkpoint import MODEL, load_learner, load_model, save_learner
 from engine.learner.config import LearnerSpec
+from engine.learner.context_parallel import ContextGroup
 from engine.learner.critic import Critic
 from engine.learner.loss import CustomLoss, policy_objective, token_logprobs
 from engine.learner.optim import make_optimizer, make_scheduler
@@ -72,12 +77,17 @@ class LearnerWorker(WeightsOut):
         self._token_logprobs = torch.compile(token_logprobs) if self.perf.torch_compile else token_logprobs
         model, ckpt, optimizer, total_steps = spec.model, spec.ckpt, spec.optimizer, spec.total_steps
         tp, pp = self.perf.tensor_model_parallel_size, self.perf.pipeline_model_parallel_size
-        init_parallel(rank, world_size, tp, master, spec.seed, pp=pp, ep=self.perf.expert_model_parallel_size)
+        cp = self.perf.context_parallel_size
+        ep = self.perf.expert_model_parallel_size
+        init_parallel(rank, world_size, tp, master, spec.seed, pp=pp, ep=ep, cp=cp)
         self.stage, self.pp = pipeline.Stage.current(), pp
         self.tp_group = mpu.get_tensor_model_parallel_group()
         self.dp_group = mpu.get_data_parallel_group()
         self.tp_rank, self.tp = mpu.get_tensor_model_parallel_rank(), tp
         self.dp_rank, self.dp = mpu.get_data_parallel_rank(), mpu.get_data_parallel_world_size()
+        # Context parallelism: the ranks of a CP group share every sequence (their data is the same).
+        self.cp, self.cp_rank = cp, mpu.get_context_parallel_rank()
+        self.context = ContextGroup(cp, self.cp_rank, mpu.get_context_parallel_group()) if cp > 1 else None
         # MoE experts: ep ranks hold different experts (ep = 1: every rank holds all of them).
         self.ep_group, self.ep = mpu.get_expert_model_parallel_group(), self.perf.expert_model_parallel_size
         self.ep_rank = mpu.get_expert_model_parallel_rank()
@@ -97,7 +107,9 @@ class LearnerWorker(WeightsOut):
         maps = hf_bridge.stage_param_maps(self.shape, self.stage.rank, pp)
         tp_partial = [p.megatron for p in maps if p.tp_partial_grad]
         self._tp_partial = [params[name] for name in tp_partial]
-        self._groups = {"tp_group": self.tp_group, "tp": tp, "dp_group": self.dp_group, "dp": self.dp}
+        # Gradients are summed over the data- and context-parallel ranks (each CP rank's are partial).
+        grad_group = mpu.get_data_parallel_group(with_context_parallel=True)
+        self._groups = {"tp_group": self.tp_group, "tp": tp, "dp_group": grad_group, "dp": self.dp * cp}
         self._groups.update(
             pp_group=self.stage.group, pp=pp, embd_group=mpu.get_embedding_group(check_initialized=False)
         )
@@ -143,7 +155,13 @@ class LearnerWorker(WeightsOut):
         dtype = torch_dtype(self.model_cfg.params_dtype)
         stage = {"pp_rank": self.stage.rank, "pp": self.pp}
         tconfig = hf_bridge.transformer_config(
-            self.hf_config, self.shape, tp=self.tp, params_dtype=dtype, pp=self.pp, **self.perf.recompute()
+            self.hf_config,
+            self.shape,
+            tp=self.tp,
+            params_dtype=dtype,
+            pp=self.pp,
+            cp=self.perf.context_parallel_size,
+            **self.perf.recompute(),
         )
         model = hf_bridge.build_gpt_model(
             self.hf_config, self.shape, tconfig, attention=self.perf.attention_backend, **stage
@@ -170,6 +188,7 @@ class LearnerWorker(WeightsOut):
             "tp_rank": self.tp_rank,
             "dp_rank": self.dp_rank,
             "pp_rank": self.stage.rank,
+            "cp_rank": self.cp_rank,
             "params": self.num_params(),
             "recompute": self.model.config.recompute_granularity,
             "device": str(self.device),
@@ -207,7 +226,7 @@ class LearnerWorker(WeightsOut):
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Log-probs (and entropies) of mb's targets from the model's logits, in the padded shifted layout
         whether packed or not."""
-        logits = output[:, :-1, : self.shape.vocab]
+        logits = mb.predicting(output)[..., : self.shape.vocab]
         logp, entropy = self._token_logprobs(
             logits, mb.model_targets(), self.temperature, with_entropy=with_entropy
         )
@@ -241,7 +260,7 @@ class LearnerWorker(WeightsOut):
 
     def compute_logprobs(self, samples: list[Sample]) -> list[np.ndarray]:
         """The learner's log-probs of each sample's response tokens at the current weights."""
-        mbs = [make_micro_batch(samples[i : i + 1], [i]) for i in range(len(samples))]
+        mbs = [make_micro_batch(samples[i : i + 1], [i], cp=self.context) for i in range(len(samples))]
         out = []
         for logp, x in zip(self._forward_logprobs(self.model, mbs), samples, strict=False):
             p = len(x.prompt_array)
@@ -293,11 +312,16 @@ class LearnerWorker(WeightsOut):
             parts = chunk(indices, self.perf.micro_batch_size)
             # Expert-parallel ranks all-gather their tokens in every MoE layer: equal shapes on all ranks.
             pad = max(len(x.prompt_array) + x.response_len for x in samples) if self.ep > 1 else None
-            return [make_micro_batch([samples[i] for i in part], part, pad_to=pad) for part in parts]
+            return [
+                make_micro_batch([samples[i] for i in part], part, pad_to=pad, cp=self.context)
+                for part in parts
+            ]
         assert self.perf.max_tokens_per_gpu is not None
         lengths = [len(samples[i].prompt_array) + samples[i].response_len for i in indices]
         parts = chunk_by_tokens(indices, lengths, self.perf.max_tokens_per_gpu)
-        return [make_micro_batch([samples[i] for i in part], part, packed=True) for part in parts]
+        return [
+            make_micro_batch([samples[i] for i in part], part, packed=True, cp=self.context) for part in parts
+        ]
 
     def _dp_sum(self, t: torch.Tensor) -> torch.Tensor:
         if self.dp > 1:
