@@ -117,3 +117,15 @@ def learner_spec(ckpt, *, perf=None, algo=None, optimizer=None, ref=None, **extr
         threads=1,
         **extra,
     )
+
+
+def parallel_run_toml(path: Path, perf: dict[str, int], learner_ranks: int) -> Path:
+    """A minimal run config at path with these [perf] sizes and cluster.learner_ranks (for the checks that
+    tie the parallel layout to the number of learner ranks)."""
+    sizes = "".join(f"{key} = {value}\n" for key, value in perf.items())
+    path.write_text(
+        '[ckpt]\nhf_checkpoint = "some/model"\n'
+        '[rollout]\nprompt_data = "p.jsonl"\nbatch_size = 4\nn_samples_per_prompt = 2\nnum_rollout = 1\n'
+        f"[perf]\n{sizes}[cluster]\nlearner_ranks = {learner_ranks}\n"
+    )
+    return path

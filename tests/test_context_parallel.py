@@ -10,8 +10,6 @@ errors naming the key.
 
 from __future__ import annotations
 
-import textwrap
-
 import pytest
 import torch
 
@@ -26,9 +24,9 @@ from engine.learner.context_parallel import (
     round_up,
 )
 from engine.learner.group import LearnerGroup
-from tests.helpers import learner_spec
+from tests.helpers import learner_spec, parallel_run_toml
 from tests.test_learner import rollout
-from tests.test_pipeline import assert_same
+from tests.test_pipeline import assert_same, probe
 
 KL = AlgoConfig(use_kl_loss=True, kl_loss_coef=0.05)
 PPO = AlgoConfig(advantage_estimator="ppo", kl_coef=0.05, critic_lr=0.1)
@@ -70,7 +68,6 @@ def test_rotary_embeddings_of_a_cp_rank_are_its_global_positions() -> None:
 
 def run(ckpt, samples, *, ranks=1, cp=1, tp=1, pp=1, algo=KL, packed=False, ref=None):
     """compute_logprobs, then two SGD steps on the samples; (log-probs, per-step metrics, weights)."""
-    import ray
 
     longest = max(len(x.prompt_array) + x.response_len for x in samples)
     perf = PerfConfig(
@@ -82,15 +79,8 @@ def run(ckpt, samples, *, ranks=1, cp=1, tp=1, pp=1, algo=KL, packed=False, ref=
         max_tokens_per_gpu=2 * longest + 5 if packed else None,
     )
     g = LearnerGroup(ranks, learner_spec(ckpt, perf=perf, algo=algo, ref=ref))
-    try:
-        # Megatron's order: TP ranks consecutive, then CP, then data parallelism.
-        assert [info["cp_rank"] for info in g.info] == [r // tp % cp for r in range(ranks)]
-        logprobs = g.compute_logprobs(samples)
-        metrics = g.train(samples, 2)
-        weights = ray.get(g.export_weights())
-    finally:
-        g.shutdown()
-    return logprobs, metrics, weights
+    # Megatron's order: TP ranks consecutive, then CP, then data parallelism.
+    return probe(g, samples, "cp_rank", [r // tp % cp for r in range(ranks)])
 
 
 @pytest.fixture(scope="module")
@@ -146,24 +136,7 @@ def test_unsupported_cp_combinations_are_config_errors(tmp_path) -> None:
         ConfigError, match=r"context_parallel_size: > 1 .* with expert_model_parallel_size > 1"
     ):
         PerfConfig(context_parallel_size=2, expert_model_parallel_size=2).check()
-    path = tmp_path / "run.toml"
-    path.write_text(
-        textwrap.dedent(
-            """\
-            [ckpt]
-            hf_checkpoint = "some/model"
-            [rollout]
-            prompt_data = "p.jsonl"
-            batch_size = 4
-            n_samples_per_prompt = 2
-            num_rollout = 1
-            [perf]
-            context_parallel_size = 2
-            [cluster]
-            learner_ranks = 3
-            """
-        )
-    )
+    path = parallel_run_toml(tmp_path / "run.toml", {"context_parallel_size": 2}, 3)
     with pytest.raises(
         ConfigError, match=r"learner_ranks=3 is not divisible .* x perf.context_parallel_size=2"
     ):

@@ -8,10 +8,9 @@ packed micro-batches, and tensor x pipeline parallelism; bad sizes are config er
 
 from __future__ import annotations
 
-import textwrap
-
 import numpy as np
 import pytest
+import ray
 import torch
 
 from engine.config import load_config
@@ -24,7 +23,7 @@ from engine.learner.config import (
 )
 from engine.learner.group import LearnerGroup
 from engine.learner.weights import load_hf_state
-from tests.helpers import learner_spec, make_checkpoint
+from tests.helpers import learner_spec, make_checkpoint, parallel_run_toml
 from tests.test_learner import rollout
 
 KL = AlgoConfig(use_kl_loss=True, kl_loss_coef=0.05)
@@ -33,8 +32,6 @@ PPO = AlgoConfig(advantage_estimator="ppo", kl_coef=0.05, critic_lr=0.1)
 
 def run(ckpt, samples, *, ranks=1, tp=1, pp=1, algo=KL, packed=False):
     """compute_logprobs, then two SGD steps on the samples; (log-probs, per-step metrics, weights)."""
-    import ray
-
     longest = max(len(x.prompt_array) + x.response_len for x in samples)
     perf = PerfConfig(
         tensor_model_parallel_size=tp,
@@ -44,10 +41,14 @@ def run(ckpt, samples, *, ranks=1, tp=1, pp=1, algo=KL, packed=False):
         max_tokens_per_gpu=2 * longest + 5 if packed else None,
     )
     spec = learner_spec(ckpt, perf=perf, algo=algo)
-    g = LearnerGroup(ranks, spec)
+    return probe(LearnerGroup(ranks, spec), samples, "pp_rank", [r // (ranks // pp) for r in range(ranks)])
+
+
+def probe(g: LearnerGroup, samples, rank_key: str, expected: list[int]):
+    """The group's ranks checked for their place in the layout (info[rank_key]), then its log-probs of
+    samples, the metrics of two training steps on them and its exported weights; the group is shut down."""
     try:
-        layout = ray.get([w.ready.remote() for w in g.workers])
-        assert [r["pp_rank"] for r in layout] == [r // (ranks // pp) for r in range(ranks)]
+        assert [info[rank_key] for info in g.info] == expected
         logprobs = g.compute_logprobs(samples)
         metrics = g.train(samples, 2)
         weights = ray.get(g.export_weights())
@@ -118,24 +119,8 @@ def test_bad_pipeline_sizes_are_config_errors(tmp_path, tiny_ckpt) -> None:
         ConfigError, match=r"2 layers cannot be split evenly over pipeline_model_parallel_size=3"
     ):
         hf_bridge.layers_per_stage(shape, 3)
-    path = tmp_path / "run.toml"
-    path.write_text(
-        textwrap.dedent(
-            """\
-            [ckpt]
-            hf_checkpoint = "some/model"
-            [rollout]
-            prompt_data = "p.jsonl"
-            batch_size = 4
-            n_samples_per_prompt = 2
-            num_rollout = 1
-            [perf]
-            tensor_model_parallel_size = 2
-            pipeline_model_parallel_size = 2
-            [cluster]
-            learner_ranks = 6
-            """
-        )
+    path = parallel_run_toml(
+        tmp_path / "run.toml", {"tensor_model_parallel_size": 2, "pipeline_model_parallel_size": 2}, 6
     )
     with pytest.raises(
         ConfigError, match=r"learner_ranks=6 is not divisible by .* x perf.pipeline_model_parallel"
