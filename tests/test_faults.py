@@ -81,6 +81,21 @@ class Run:
             time.sleep(0.01)
         return ray.get(engine.pid.remote())
 
+    def kill_engine_mid_call(self) -> int:
+        """SIGKILL engine 0 while the producer waits on a generate call to it (so the call fails and the
+        restart is the guard's to handle): the engine is stopped first and killed only if a call of the
+        producer's is still waiting on it a second later, else resumed and tried again."""
+        import ray
+
+        while True:
+            pid = self.engine_busy()
+            os.kill(pid, signal.SIGSTOP)
+            time.sleep(1.0)  # an answer sent before the stop reaches the producer meanwhile
+            if ray.get(self.trainer.producer.engine_calls_in_flight.remote())[0] > 0:
+                os.kill(pid, signal.SIGKILL)
+                return pid
+            os.kill(pid, signal.SIGCONT)
+
     def finish(self) -> None:
         self.thread.join()
         try:
@@ -96,8 +111,7 @@ def test_killed_and_stuck_engine_killed_producer_and_buffer_lose_nothing(tmp_pat
     run = Run(tmp_path, "rollout.max_staleness=1", "inference.stall_timeout_s=4", "inference.max_restarts=3")
     try:
         run.wait_step(1)
-        killed = run.engine_busy()
-        os.kill(killed, signal.SIGKILL)  # an engine dies with requests in flight
+        killed = run.kill_engine_mid_call()  # an engine dies with requests in flight
         while run.steps()[-1].get("producer/engine_restarts", 0) < 1:
             run.wait_step(len(run.steps()) + 1)
         assert len(run.steps()) < STEPS, "the run ended before the next fault"

@@ -8,6 +8,9 @@ The engine actor is created with Ray's `max_restarts` (inference.max_restarts). 
   as Ray object references for this); requests aborted meanwhile come back as aborted, not resubmitted;
 - an engine with calls in flight whose progress count has not moved (or that has not answered) for
   inference.stall_timeout_s is killed, and then restarted and resubmitted to as above;
+- an engine Ray restarted while no call was in flight (nothing fails, but it holds the weights it started
+  with) is recognised by its first answer with tokens older than the version every engine was known to
+  hold: that answer is discarded, the engine given the current weights, and the call resubmitted;
 - every restart and stall is logged and counted (engine_restarts, engine_stalls,
   engine_calls_resubmitted, engine_requests_resubmitted); an engine that fails more than max_restarts
   times, or does not come back within RESTART_WAIT_S, ends the run with an error naming it.
@@ -34,6 +37,11 @@ RESTART_WAIT_S = 600.0  # how long a restarted engine may take to answer (proces
 
 # () -> (version, weight buckets or None): the last push the producer was given
 WeightSource = Callable[[], tuple[int, list[Any] | None]]
+
+
+class RestartedBetweenCalls(Exception):
+    """An engine answered with tokens older than the version it was known to hold: Ray restarted it while
+    no call was in flight, so nothing failed, but it lost the weights pushed since it started."""
 
 
 class EngineGuard(InferenceEngine):
@@ -66,10 +74,17 @@ class EngineGuard(InferenceEngine):
         try:
             while todo:
                 incarnation = self._incarnation
+                floor = self._weights()[0]  # every engine held this version before the producer learned it
                 self._enter()
                 try:
                     out = await self.client.generate(todo)
-                except RayActorError as e:
+                    oldest = min((v for x in out for v in x.versions), default=floor)
+                    if oldest < floor:  # Ray restarted it between calls: it holds its initial weights
+                        raise RestartedBetweenCalls(
+                            f"engine {self.index} answered at policy version {oldest} < {floor}: "
+                            "restarted between calls"
+                        )
+                except (RayActorError, RestartedBetweenCalls) as e:
                     await self._recover(incarnation, e)
                     results.update((r.rid, aborted(r)) for r in todo if r.rid in self._aborted)
                     todo = [r for r in todo if r.rid not in self._aborted]
@@ -138,6 +153,11 @@ class EngineGuard(InferenceEngine):
             )
 
     # --- stalls -------------------------------------------------------------------------------------
+
+    @property
+    def in_flight(self) -> int:
+        """Generate calls waiting on the engine now."""
+        return self._in_flight
 
     def _enter(self) -> None:
         self._in_flight += 1

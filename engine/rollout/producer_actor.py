@@ -59,6 +59,7 @@ class ProducerActor:
         inference = inference or InferenceConfig()
         self._weights = weights  # the last push: (version, weight buckets), for restarted engines
         self.fault_counts: Counter[str] = Counter()
+        self._guards: list[EngineGuard] = []
 
         self._loop = uvloop.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="producer-loop", daemon=True)
@@ -82,6 +83,7 @@ class ProducerActor:
                 )
                 for i, e in enumerate(engines)
             ]
+            self._guards = [c for c in clients if isinstance(c, EngineGuard)]
             return Producer(
                 rollout,
                 evaluation,
@@ -138,6 +140,10 @@ class ProducerActor:
 
     def evaluate(self, name: str) -> dict[str, float]:
         return self._call(self.producer.evaluate(name))
+
+    def engine_calls_in_flight(self) -> list[int]:
+        """Generate calls each embedded engine's guard is waiting on now."""
+        return [guard.in_flight for guard in self._guards]
 
     def stats(self) -> dict[str, float]:
         async def read() -> dict[str, float]:
