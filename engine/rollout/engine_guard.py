@@ -6,8 +6,9 @@ The engine actor is created with Ray's `max_restarts` (inference.max_restarts). 
   (prompt + the tokens of earlier rounds, the same seed and sample offset), once the restarted actor
   answers and holds the policy version the producer was last given (the weights of that push are kept
   as Ray object references for this); requests aborted meanwhile come back as aborted, not resubmitted;
-- an engine with calls in flight whose progress count has not moved (or that has not answered) for
-  inference.stall_timeout_s is killed, and then restarted and resubmitted to as above;
+- an engine that has not answered for inference.stall_timeout_s (watched from the first call on, also
+  while no call is waiting on it: a hang in a weight update), or whose progress count has not moved for
+  that long while calls are in flight, is killed, and then restarted and resubmitted to as above;
 - an engine Ray restarted while no call was in flight (nothing fails, but it holds the weights it started
   with) is recognised by its first answer with tokens older than the version every engine was known to
   hold: that answer is discarded, the engine given the current weights, and the call resubmitted;
@@ -165,19 +166,26 @@ class EngineGuard(InferenceEngine):
             self._watchdog = asyncio.get_running_loop().create_task(self._watch())
 
     async def _watch(self) -> None:
-        """While calls are in flight: kill the engine when its progress count stops for stall_timeout_s."""
+        """From the first call on, for as long as the producer runs: kill the engine when it has not
+        answered for stall_timeout_s (stopped, hung in a weight update: nothing else would notice when no
+        generate call is waiting on it), or when calls are in flight and its progress count has not moved
+        for that long. Ray then restarts it; watching goes on."""
         loop = asyncio.get_running_loop()
         period = self._stall_timeout / 4
         last, since = None, loop.time()
-        while self._in_flight > 0:
+        while True:
             try:
                 beat = await asyncio.wait_for(_awaitable(self.actor.heartbeat.remote()), period)
+                answered = True
             except TimeoutError:
-                beat = last  # no answer is no progress
-            except RayActorError:
-                return  # it died: the calls in flight fail and recover
+                beat, answered = last, False  # no answer is no progress
+            except RayActorError:  # dead or restarting: calls in flight fail and recover
+                last, since = None, loop.time()
+                await asyncio.sleep(period)
+                continue
             now = loop.time()
-            if beat != last or self._lock.locked():  # progress, or a restart under way (not a stall)
+            alive = beat != last if self._in_flight > 0 else answered
+            if alive or self._lock.locked():  # progress (or an answer, when idle), or a restart under way
                 last, since = beat, now
             elif now - since > self._stall_timeout:
                 self.counts["engine_stalls"] += 1
@@ -190,7 +198,7 @@ class EngineGuard(InferenceEngine):
                     self._in_flight,
                 )
                 ray.kill(self.actor, no_restart=False)
-                return
+                last, since = None, now
             await asyncio.sleep(period)
 
 
