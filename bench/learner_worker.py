@@ -177,6 +177,7 @@ def main() -> None:
 
     name = gpu_name()
     part = re.search(r"[A-Z]\d{2,4}", name or "")
+    out = f"learner_worker_{part.group(0).lower() if part else 'cpu'}{args.tag}"
     mm = matmul_tflops()
     peaks = {"measured": mm["best_tflops"] if mm else None, "nominal": nominal_tflops(name)}
     print(f"device: {name or 'cpu'}; matmul: {mm}", flush=True)
@@ -200,12 +201,7 @@ def main() -> None:
                         r["error"] = f"{type(exc).__name__}: {exc}"[-3000:]
                         payload["results"].append(r)
                         print(json.dumps(r), flush=True)
-                        write(
-                            args.out,
-                            f"learner_worker_{part.group(0).lower() if part else 'cpu'}{args.tag}",
-                            payload,
-                            "",
-                        )
+                        write(args.out, out, payload, table)
                         continue
                     tflops = r["tokens_per_s"] * flops["total"] / 1e12 / tp  # per GPU
                     r["model_tflops"] = round(tflops, 1)
@@ -254,7 +250,6 @@ def main() -> None:
                         ],
                         rows,
                     )
-                    out = f"learner_worker_{part.group(0).lower() if part else 'cpu'}{args.tag}"
                     write(args.out, out, payload, table)
     finally:
         ray.shutdown()
